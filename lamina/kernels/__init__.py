@@ -1,0 +1,57 @@
+"""Attention and KV-cache ops behind one interface, with two implementations.
+
+`reference` is plain torch: the CPU path and the oracle of every test. `triton_ops` holds
+lamina's Triton kernels, used on CUDA. Both modules export the same four functions:
+
+    store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    paged_attention(q, k_cache, v_cache, attn_metadata, scale) -> out
+    rms_norm(x, weight, eps, residual=None) -> out | (out, new_residual)
+    rotary_embedding(q, k, positions, cos_sin_cache) -> (q, k)
+
+`get_backend()` picks one: an explicit name, else $LAMINA_ATTENTION_BACKEND, else triton on
+CUDA and torch on CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything the attention layers need to know about one flat batch.
+
+    The batch packs the new tokens of B sequences one after another (T tokens in all).
+    """
+    query_start_loc: torch.Tensor   # [B+1] int32: sequence i's new tokens are rows qsl[i]:qsl[i+1]
+    seq_lens: torch.Tensor          # [B] int32: tokens in the KV cache after this step (prefix + new)
+    block_tables: torch.Tensor      # [B, max_blocks] int32: the cache blocks of each sequence, in order
+    slot_mapping: torch.Tensor      # [T] int64: where each new token's K/V goes; -1 = padding, not stored
+    max_query_len: int              # longest run of new tokens (1 for a pure decode batch)
+    max_seq_len: int                # longest seq_len
+    logits_indices: torch.Tensor | None = None  # rows whose logits are wanted; None = all rows
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+def get_backend(name: str | None = None, device: torch.device | str = "cpu") -> ModuleType:
+    name = name or os.environ.get("LAMINA_ATTENTION_BACKEND") or (
+        "triton" if torch.device(device).type == "cuda" else "torch")
+    if name == "torch":
+        from lamina.kernels import reference
+        return reference
+    if name == "triton":
+        from lamina.kernels import triton_ops
+        return triton_ops
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,102 @@
+"""Plain-torch implementations of lamina's ops: the CPU path and the oracle for the Triton kernels."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lamina.kernels import AttentionMetadata
+
+
+def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Write k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots; -1 skips."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of one sequence as [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    md: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, D] attends causally over its own sequence's cached K/V; returns [T, Hq, D]."""
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    gqa = num_heads != num_kv_heads
+    if md.is_decode:
+        return _decode_attention(q, k_cache, v_cache, md, scale, gqa)
+    out = torch.empty_like(q)
+    starts = md.query_start_loc.tolist()
+    lens = md.seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        start, end = starts[i], starts[i + 1]
+        if end == start:
+            continue
+        k = _gather_context(k_cache, md.block_tables[i], seq_len).transpose(0, 1)  # [Hkv, L, D]
+        v = _gather_context(v_cache, md.block_tables[i], seq_len).transpose(0, 1)
+        qi = q[start:end].transpose(0, 1)                                       # [Hq, Lq, D]
+        num_new = end - start
+        if num_new == seq_len:
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            # new token j sits at absolute position seq_len - num_new + j and sees keys up to it
+            q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _decode_attention(q, k_cache, v_cache, md: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
+    """One new token per sequence: gather every sequence's blocks at once and mask the tail."""
+    block_size = k_cache.shape[1]
+    num_blocks = (md.max_seq_len + block_size - 1) // block_size
+    table = md.block_tables[:, :num_blocks].long()
+    batch = table.shape[0]
+    k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache[table].flatten(1, 2).transpose(1, 2)
+    length = k.shape[2]
+    mask = torch.arange(length, device=q.device)[None, :] < md.seq_lens[:, None]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                       scale=scale, enable_gqa=gqa)
+    return o.view(batch, q.shape[1], q.shape[2])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm in float32, as transformers computes it; with `residual`, adds it first and
+    returns (normed, x + residual) so the caller carries the new residual stream."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return out if residual is None else (out, residual)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE on q [T, Hq, D] and k [T, Hkv, D]; the cache holds [max_pos, rot_dim] as
+    cos | sin halves. Dimensions past rot_dim (partial rotary) pass through."""
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, rot_dim/2] each
+    cos = torch.cat((cos, cos), -1)[:, None, :]
+    sin = torch.cat((sin, sin), -1)[:, None, :]
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot_dim = cos.shape[-1]
+    xr = x[..., :rot_dim]
+    x1, x2 = xr.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    out = (xr * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+    if rot_dim == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., rot_dim:]), dim=-1)
