@@ -26,7 +26,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False              # biases on q/k/v
+    o_proj_bias: bool = False                 # Llama's attention_bias also covers o_proj; Qwen2's does not
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
@@ -73,6 +74,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             # Qwen2 checkpoints have q/k/v biases but do not say so in config.json
             attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            o_proj_bias=bool(cfg.get("attention_bias", False)) and arch != "Qwen2ForCausalLM",
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype") or "float32",
             bos_token_id=cfg.get("bos_token_id"),

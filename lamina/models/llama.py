@@ -1,0 +1,216 @@
+"""The Llama family, written out: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU.
+
+One config-driven model covers Llama 1/2/3, Mistral-style and Qwen2-style (q/k/v bias) checkpoints.
+The forward pass takes a flat batch (the new tokens of many sequences, one after another) plus an
+`AttentionMetadata` object that says which rows belong to which sequence and where their K/V go.
+"""
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from lamina.config import ModelConfig
+from lamina.kernels import AttentionMetadata
+
+
+def rope_cos_sin_cache(cfg: ModelConfig, max_len: int) -> torch.Tensor:
+    """[max_len, head_dim] float32 table: cos of each (position, frequency) then sin."""
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling.get("factor", 1.0))
+    original = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    if kind == "dynamic" and max_len > original:
+        # NTK-aware: stretch the base once for the longest context we serve. transformers recomputes
+        # it per forward from the current length, which a KV cache cannot follow; within the
+        # original context both agree exactly.
+        base = base * ((factor * max_len / original) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    if kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, factor, scaling, original)
+    positions = torch.arange(max_len, dtype=torch.int64, device="cpu").float()
+    if kind == "linear":
+        positions = positions / factor
+    freqs = torch.outer(positions, inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, scaling: dict, original: int) -> torch.Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between."""
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = original / low_freq_factor
+    high_freq_wavelen = original / high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: ModuleType):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: ModuleType):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.ops = ops
+        # [num_blocks, block_size, num_kv_heads, head_dim], bound by the engine once it sizes the cache
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                md: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.ops.rotary_embedding(q, k, positions, cos_sin_cache)
+        self.ops.store_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+        out = self.ops.paged_attention(q, self.k_cache, self.v_cache, md, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: ModuleType):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Attention(cfg, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, residual, positions, cos_sin_cache, md):
+        # the residual add is fused into each norm: norm(x + residual) and the new residual
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, cos_sin_cache, md)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: ModuleType, max_len: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # not a registered buffer: it is derived from the config, never loaded, and stays float32
+        self.cos_sin_cache = rope_cos_sin_cache(cfg, max_len or cfg.max_position_embeddings)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns float32 logits for the rows in md.logits_indices."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.cos_sin_cache, md)
+        if md.logits_indices is not None:
+            x, residual = x[md.logits_indices], residual[md.logits_indices]
+        x, _ = self.norm(x, residual)
+        return self.lm_head(x).float()
+
+    def kv_caches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        return [(layer.self_attn.k_cache, layer.self_attn.v_cache) for layer in self.layers]
+
+    def bind_kv_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        for layer, k, v in zip(self.layers, k_caches, v_caches):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+
+    # -- loading ---------------------------------------------------------------------------------
+    # Checkpoint names -> (our parameter, which slice of the fused projection, in order).
+    _FUSED = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> str | None:
+        """Copy one checkpoint tensor into place. Returns the parameter name it filled (with the
+        fused slice suffixed), or None when the tensor is not part of the model."""
+        if name.startswith("model."):
+            name = name[len("model."):]
+        if "rotary_emb" in name:
+            return None
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in self._FUSED:
+            fused, index = self._FUSED[parts[-2]]
+            target = self.get_parameter(".".join(parts[:-2] + [fused, parts[-1]]))
+            sizes = self._fused_sizes(fused)
+            start = sum(sizes[:index])
+            dst = target.data.narrow(0, start, sizes[index])
+            filled = f"{'.'.join(parts[:-2])}.{fused}.{parts[-1]}[{index}]"
+        else:
+            try:
+                dst = self.get_parameter(name).data
+            except AttributeError:
+                return None
+            filled = name
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        return filled
+
+    def _fused_sizes(self, fused: str) -> list[int]:
+        cfg = self.config
+        if fused == "qkv_proj":
+            return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+        return [cfg.intermediate_size] * 2
+
+    def expected_weights(self) -> set[str]:
+        """Every name load_weight must fill for the model to be complete."""
+        names = set()
+        for pname, _ in self.named_parameters():
+            if pname == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            fused = pname.split(".")[-2]
+            if fused in ("qkv_proj", "gate_up_proj"):
+                count = 3 if fused == "qkv_proj" else 2
+                names.update(f"{pname}[{i}]" for i in range(count))
+            else:
+                names.add(pname)
+        return names

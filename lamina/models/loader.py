@@ -1,0 +1,98 @@
+"""Hugging Face directory (config.json + *.safetensors) -> a ready LlamaForCausalLM."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from lamina.config import ModelConfig, ModelLoadError
+from lamina.kernels import get_backend
+from lamina.models.llama import LlamaForCausalLM
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
+          "float": torch.float32}
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    """'auto': bf16 on GPUs and on CPUs with native bf16 math; float32 elsewhere. A float16
+    checkpoint stays float16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        if cfg.torch_dtype == "float16":
+            return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(model_dir, s) for s in shards]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise ModelLoadError(f"{index} names shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def load_model(model_dir: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               backend: str | None = None, max_len: int | None = None) -> LlamaForCausalLM:
+    """Build the model straight at its final dtype and device, then fill it one checkpoint tensor at
+    a time from memory-mapped safetensors, so two full copies of the weights never coexist."""
+    cfg = ModelConfig.from_dir(model_dir)
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device, cfg)
+    ops = get_backend(backend, device)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg, ops, max_len=max_len)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.cos_sin_cache = model.cos_sin_cache.to(device)
+
+    expected = model.expected_weights()
+    filled: set[str] = set()
+    with torch.no_grad():
+        for path in safetensors_files(model_dir):
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    try:
+                        done = model.load_weight(name, f.get_tensor(name))
+                    except ValueError as e:
+                        raise ModelLoadError(f"{os.path.basename(path)}: {e}") from None
+                    if done is not None:
+                        filled.add(done)
+    missing = expected - filled
+    if missing:
+        shown = ", ".join(sorted(missing)[:8])
+        raise ModelLoadError(f"checkpoint in {model_dir} lacks {len(missing)} weights: {shown}"
+                             + (" ..." if len(missing) > 8 else ""))
+    model.eval()
+    model.dtype = torch_dtype
+    return model
