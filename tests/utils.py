@@ -5,7 +5,7 @@ import torch
 
 from lamina.kernels import AttentionMetadata
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+TINY = dict(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
 
@@ -30,7 +30,36 @@ def save_tiny_hf_model(path, arch: str = "llama", seed: int = 0, **overrides):
                 p.normal_(0, 0.5)
     model.eval()
     model.save_pretrained(path)
+    save_tiny_tokenizer(path)
     return model
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def save_tiny_tokenizer(path):
+    """A byte-level BPE over the 256 bytes (no merges) plus ChatML special tokens: ids 256-258."""
+    import json
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: _byte_of(c)))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(str(path / "tokenizer.json") if hasattr(path, "joinpath") else f"{path}/tokenizer.json")
+    cfg = {"chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    with open(f"{path}/tokenizer_config.json", "w") as f:
+        json.dump(cfg, f)
+    with open(f"{path}/generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [256, 258]}, f)
+
+
+def _byte_of(ch: str) -> int:
+    from lamina.tokenizer import _byte_decoder
+    return _byte_decoder()[ch]
 
 
 class PagedRunner:

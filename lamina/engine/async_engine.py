@@ -1,0 +1,140 @@
+"""The engine on a background thread, with one async stream of outputs per request.
+
+Callers on an asyncio loop submit and abort through a thread-safe queue; the step thread hands each
+output back to the loop that asked for it with `call_soon_threadsafe`. Only the step thread touches
+the engine's state.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from lamina.config import EngineConfig
+from lamina.engine.engine import LLMEngine
+from lamina.engine.errors import EngineDeadError
+from lamina.sampling_params import RequestOutput, SamplingParams
+
+log = logging.getLogger("lamina.engine")
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | LLMEngine):
+        self.engine = config if isinstance(config, LLMEngine) else LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = self.engine.config.model
+        self.stats = self.engine.stats
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side (any thread / event loop) -------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.validate(prompt_token_ids, params.with_defaults(self.engine.generation_defaults))
+
+    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None,
+                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (each carries the deltas since the previous one). Invalid
+        requests raise before the first output. Leaving the loop early aborts the request."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine has stopped: {self._dead}")
+        request_id = request_id or uuid.uuid4().hex
+        if isinstance(prompt, list) and prompt_text is not None:
+            prompt = {"prompt": prompt_text, "prompt_token_ids": prompt}
+        _, ids = self.engine.encode_prompt(prompt)
+        self.validate(ids, params)
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, stream)
+        self._commands.put(("add", request_id, prompt, params, time.time()))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    def profile_report(self) -> str:
+        return self.engine.profiler.report()
+
+    # -- the step thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                self._drain_commands(block=not engine.has_unfinished_requests())
+                if not engine.has_unfinished_requests():
+                    continue
+                outputs = engine.step()
+                t0 = time.perf_counter()
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+                engine.profiler.add("stream", time.perf_counter() - t0)
+        except BaseException as e:  # the engine is broken: fail every stream instead of hanging it
+            log.exception("engine step loop died")
+            self._dead = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"the engine failed: {e}"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, prompt, params, arrival = cmd
+            if rid not in self._streams:   # the caller left before the request reached us
+                return
+            try:
+                self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+            except Exception as e:  # validated already, but the cache may have changed meanwhile
+                self._deliver(rid, e)
+        elif kind == "abort":
+            self.engine.abort(cmd[1])
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, stream = target
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed
+            self._commands.put(("abort", request_id))

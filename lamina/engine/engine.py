@@ -1,0 +1,340 @@
+"""The step loop: schedule -> one forward pass -> sample -> append, stop-check, detokenize, stream out."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lamina.config import EngineConfig, ModelConfig
+from lamina.engine import sampler
+from lamina.engine.errors import ContextLengthExceeded, RequestError
+from lamina.engine.kv_cache import BlockManager
+from lamina.engine.metrics import EngineStats, StepStats
+from lamina.engine.model_runner import ModelRunner
+from lamina.engine.profiler import StepProfiler
+from lamina.engine.scheduler import ScheduledBatch, Scheduler
+from lamina.engine.sequence import Sequence, SequenceStatus
+from lamina.sampling_params import (CompletionOutput, RequestMetrics, RequestOutput, SamplingParams,
+                                    TokenLogprob)
+from lamina.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("lamina.engine")
+
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    aborted: bool = False
+    reported_finished: bool = False
+    prompt_logprobs: list[TokenLogprob | None] | None = field(default=None)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+def read_generation_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if os.path.isdir(config.model):
+            self.model_dir = config.model
+        else:
+            from lamina.registry import resolve_model
+            self.model_dir = resolve_model(config.model)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.tokenizer = Tokenizer(self.model_dir)
+        gen = read_generation_config(self.model_dir)
+        self.generation_defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if gen.get(k) is not None}
+        eos = gen.get("eos_token_id", [])
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_token_ids = set(eos) | set(self.model_config.eos_token_id)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.runner = ModelRunner(config, self.model_dir, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats(kv_blocks_total=self.runner.num_blocks, kv_blocks_free=self.runner.num_blocks,
+                                 block_size=config.block_size)
+        self.profiler = StepProfiler(enabled=config.profile_steps)
+        self._last_log = time.monotonic()
+        self._pending_outputs: list[RequestOutput] = []
+        log.info("model %s on %s in %s; KV cache: %d blocks of %d = %d tokens (%.2f GiB)",
+                 config.model, self.runner.device, str(self.runner.dtype).replace("torch.", ""),
+                 self.runner.num_blocks, config.block_size, self.kv_capacity_tokens,
+                 self.runner.num_blocks * self.runner.bytes_per_block / 2**30)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.runner.num_blocks * self.config.block_size
+
+    # -- requests ----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse at once what could never be served; nothing is left waiting forever."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        limit = self.max_model_len
+        if n >= limit or (params.max_tokens is not None and n + params.max_tokens > limit):
+            asked = f"{n} in the prompt" + (f", {params.max_tokens} for the completion" if params.max_tokens else "")
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + (params.max_tokens or 0)} tokens ({asked}). Please reduce the length of the "
+                f"prompt or the number of requested output tokens.")
+        total = n + (params.max_tokens if params.max_tokens is not None else limit - n)
+        if total > self.kv_capacity_tokens:
+            raise RequestError(f"this request needs up to {total} tokens of KV cache, but the whole cache "
+                               f"holds {self.kv_capacity_tokens}; lower max_tokens or enlarge the cache",
+                               param="max_tokens")
+
+    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        params = (params or SamplingParams()).with_defaults(self.generation_defaults)
+        text, ids = self.encode_prompt(prompt)
+        self.validate(ids, params)
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - len(ids)
+        metrics = RequestMetrics(arrival_time=arrival_time or time.time())
+        seqs = [Sequence(request_id, i, ids, params,
+                         IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), metrics)
+                for i in range(params.n)]
+        for s in seqs[1:]:
+            s.wait_for = seqs[0]
+        req = Request(request_id, text, ids, seqs, metrics)
+        self.requests[request_id] = req
+        for s in seqs:
+            self.scheduler.add(s)
+        self.stats.prompt_tokens_total += len(ids)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                self._finish(seq, "abort")
+        req.aborted = True
+        self._pending_outputs.append(self._make_output(req))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        prof = self.profiler
+        prof.start()
+        batch = self.scheduler.schedule()
+        prof.mark("schedule")
+        outputs, self._pending_outputs = self._pending_outputs, []
+        if batch.seqs:
+            logits_rows, samplers = self._logits_plan(batch)
+            logits = self.runner.execute(batch, logits_rows)
+            prof.mark("forward")
+            self._process(batch, logits, logits_rows, samplers, outputs)
+        self._update_stats(batch)
+        prof.stop()
+        return outputs
+
+    def _logits_plan(self, batch: ScheduledBatch):
+        """Which new tokens of each sequence need logits: the last one if it completes the known
+        tokens (we then sample), plus every prompt token when prompt logprobs were asked for."""
+        rows, samplers = [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            done = seq.num_computed_tokens + n == len(seq)
+            wants_prompt = seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1
+            if wants_prompt:
+                last_prompt = min(n, seq.num_prompt_tokens - 1 - seq.num_computed_tokens)
+                r = list(range(last_prompt))
+                if done and (n - 1) not in r:
+                    r.append(n - 1)
+            else:
+                r = [n - 1] if done else []
+            rows.append(np.asarray(r, dtype=np.int64))
+            samplers.append(done)
+        return rows, samplers
+
+    def _process(self, batch, logits, logits_rows, samplers, outputs):
+        prof = self.profiler
+        now = time.time()
+        offset = 0
+        sample_seqs, sample_rows = [], []
+        for seq, n, rows, samples in zip(batch.seqs, batch.num_new_tokens, logits_rows, samplers):
+            if seq.prompt_logprobs is not None and len(rows) and seq.num_computed_tokens < seq.num_prompt_tokens - 1:
+                self._record_prompt_logprobs(seq, logits[offset:offset + len(rows)], n)
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+            if samples:
+                sample_seqs.append(seq)
+                sample_rows.append(offset + len(rows) - 1)
+            offset += len(rows)
+        if not sample_seqs:
+            return
+        params = [s.params for s in sample_seqs]
+        banned = [self._banned(s) for s in sample_seqs]
+        sb = sampler.SamplingBatch.build(params, [s.token_ids[:s.num_prompt_tokens] for s in sample_seqs],
+                                         [s.output_token_ids for s in sample_seqs], banned,
+                                         [s.generator for s in sample_seqs])
+        token_ids, logprobs = sampler.sample(logits[np.asarray(sample_rows)], sb)
+        prof.mark("sample")
+        touched: dict[str, Request] = {}
+        for seq, tok, lp in zip(sample_seqs, token_ids, logprobs):
+            self._append(seq, tok, lp, now)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        for req in touched.values():
+            outputs.append(self._make_output(req))
+        prof.mark("detokenize")
+
+    def _record_prompt_logprobs(self, seq: Sequence, logits, n: int) -> None:
+        start = seq.num_computed_tokens
+        count = min(n, seq.num_prompt_tokens - 1 - start)
+        targets = seq.token_ids[start + 1:start + 1 + count]
+        records = sampler.compute_logprobs(logits[:count], targets, [seq.params.prompt_logprobs] * count)
+        seq.prompt_logprobs.extend(records)
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        if seq.num_output_tokens >= seq.params.min_tokens:
+            return []
+        return list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else list(self.eos_token_ids))
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        seq.token_ids.append(token)
+        self.stats.generation_tokens_total += 1
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+            self.stats.time_to_first_token.observe(now - seq.metrics.arrival_time)
+        elif seq.last_token_time is not None:
+            self.stats.inter_token_latency.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        p = seq.params
+        may_stop = seq.num_output_tokens >= p.min_tokens
+        if may_stop and not p.ignore_eos and token in self.eos_token_ids:
+            return self._finish(seq, "stop", flush=True)
+        if may_stop and token in p.stop_token_ids:
+            return self._finish(seq, "stop", stop_reason=token, flush=True)
+        old_len = len(seq.text)
+        seq.text += seq.detokenizer.add([token])
+        if may_stop and p.stop and self._check_stop_strings(seq, old_len):
+            return
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length", flush=True)
+
+    def _check_stop_strings(self, seq: Sequence, old_len: int) -> bool:
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, old_len - longest + 1)
+        best = None
+        for s in seq.params.stop:
+            i = seq.text.find(s, search_from)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return False
+        i, s = best
+        seq.text = seq.text[:i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
+        self._finish(seq, "stop", stop_reason=s)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None, flush: bool = False) -> None:
+        if flush:
+            seq.text += seq.detokenizer.flush()
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq.status != SequenceStatus.FINISHED:
+            self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        now = time.time()
+        seq.metrics.finished_time = now
+        if reason != "abort":
+            self.stats.e2e_request_latency.observe(now - seq.metrics.arrival_time)
+        self.stats.request_success_total[reason] = self.stats.request_success_total.get(reason, 0) + 1
+
+    def _sendable_text(self, seq: Sequence) -> int:
+        """How much of seq.text may go out: all of it once finished; before that, hold back a tail
+        that could still turn out to be the start of a stop string."""
+        if seq.is_finished or not seq.params.stop:
+            return len(seq.text)
+        text = seq.text
+        hold = 0
+        for k in range(min(len(text), max(len(s) for s in seq.params.stop) - 1), 0, -1):
+            if any(s.startswith(text[-k:]) for s in seq.params.stop):
+                hold = k
+                break
+        return len(text) - hold
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            upto = self._sendable_text(seq)
+            outs.append(CompletionOutput(
+                index=seq.index, text=seq.text[:upto], token_ids=seq.output_token_ids,
+                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                delta_text=seq.text[seq.num_text_sent:upto],
+                delta_token_ids=seq.output_token_ids[seq.num_tokens_sent:],
+                delta_logprobs=None if seq.logprobs is None else seq.logprobs[seq.num_logprobs_sent:]))
+            seq.num_text_sent = max(seq.num_text_sent, upto)
+            seq.num_tokens_sent = seq.num_output_tokens
+            seq.num_logprobs_sent = len(seq.logprobs or [])
+        finished = req.finished
+        if finished and not req.aborted:
+            self.requests.pop(req.request_id, None)
+        first = req.seqs[0]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished,
+                             num_cached_tokens=first.num_cached_tokens, metrics=req.metrics,
+                             prompt_logprobs=first.prompt_logprobs)
+
+    def _update_stats(self, batch: ScheduledBatch) -> None:
+        st, bm = self.stats, self.block_manager
+        with st.lock:
+            st.num_steps += 1
+            st.num_running = len(self.scheduler.running)
+            st.num_waiting = len(self.scheduler.waiting)
+            st.kv_blocks_cached = len(bm.cached)
+            st.kv_blocks_free = len(bm.free)
+            st.kv_blocks_used = bm.num_blocks - len(bm.cached) - len(bm.free)
+            st.num_preemptions_total += batch.num_preempted
+            st.last_step = StepStats(st.num_running, st.num_waiting, batch.num_tokens - batch.num_decode,
+                                     batch.num_decode, batch.num_preempted)
+            for seq in batch.admitted:
+                st.prefix_cache_queries_total += len(seq)
+                st.prefix_cache_hits_total += seq.num_cached_tokens
+        if self.config.log_stats_interval and time.monotonic() - self._last_log >= self.config.log_stats_interval:
+            self._last_log = time.monotonic()
+            log.info("%s", st.log_line())
+

@@ -1,0 +1,125 @@
+"""Which sequences run in the next step, and with how many new tokens each.
+
+Decodes go first, one token each, so running streams never stall; prefill chunks (new prompts, or
+the rest of a long one) fill what is left of the token budget. Admission is first come, first served.
+When the cache runs out, the most recently admitted running sequence is preempted: its blocks are
+freed and it is recomputed from its tokens later (its prefix may well still be cached by then).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lamina.engine.kv_cache import BlockManager
+from lamina.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_decode: int = 0                                          # of the tokens, how many are decodes
+    admitted: list[Sequence] = field(default_factory=list)     # newly admitted from the waiting queue
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []   # in admission order: the last is preempted first
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and return its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_cached_tokens = 0
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+
+        # 1. running sequences, oldest first: decodes, then the next chunk of unfinished prefills
+        for phase in ("decode", "prefill"):
+            for seq in list(self.running):
+                if seq.seq_id in scheduled or seq.status != SequenceStatus.RUNNING:
+                    continue
+                if (phase == "decode") == seq.in_prefill:
+                    continue
+                num_new = min(len(seq) - seq.num_computed_tokens, budget)
+                if num_new <= 0:
+                    continue
+                while not self.blocks.can_grow(seq, num_new):
+                    victim = self.running[-1]
+                    if victim.seq_id in scheduled:  # never undo work already in this batch
+                        victim = seq
+                    self._preempt(victim)
+                    batch.num_preempted += 1
+                    if victim is seq:
+                        break
+                if seq.status != SequenceStatus.RUNNING:
+                    continue
+                self.blocks.grow(seq, num_new)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num_new)
+                scheduled.add(seq.seq_id)
+                batch.num_decode += phase == "decode"
+                budget -= num_new
+
+        # 2. waiting sequences, first come first served, while budget and cache allow
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.wait_for is not None and not self._sibling_ready(seq):
+                skipped.append(self.waiting.popleft())   # let later requests by meanwhile
+                continue
+            hits = self.blocks.match_prefix(seq)
+            num_new = min(len(seq) - len(hits) * self.blocks.block_size, budget)
+            if self.blocks.blocks_to_admit(seq, num_new, hits) > self.blocks.num_free_blocks:
+                break
+            self.waiting.popleft()
+            self.blocks.admit(seq, hits)
+            self.blocks.grow(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            seq.wait_for = None
+            self.running.append(seq)
+            batch.admitted.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        return batch
+
+    def _sibling_ready(self, seq: Sequence) -> bool:
+        """Sample k>0 of a request waits until sample 0 has computed the shared prompt blocks."""
+        first = seq.wait_for
+        if first.status == SequenceStatus.FINISHED or not self.blocks.enable_prefix_caching:
+            return True
+        if first.status == SequenceStatus.WAITING:
+            return False
+        return first.num_computed_tokens >= (seq.num_prompt_tokens // self.blocks.block_size) * self.blocks.block_size

@@ -1,0 +1,92 @@
+"""The library API: `LLM(model).generate(prompts, params)` and friends, on top of the engine."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import fields
+
+from lamina.config import EngineConfig
+from lamina.engine.engine import LLMEngine
+from lamina.sampling_params import RequestOutput, SamplingParams
+from lamina.tokenizer import Tokenizer
+
+Prompt = str | list[int] | dict
+
+
+class LLM:
+    """An engine in the caller's thread. Every call runs all its prompts through the engine at
+    once (continuous batching), so a list of 256 prompts costs far less than 256 calls.
+
+        llm = LLM("smollm2-135m-instruct")
+        out = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))
+        print(out[0].text)
+    """
+
+    def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "auto", device: str | None = None,
+                 **engine_options):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(engine_options) - known
+        if unknown:
+            raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **engine_options))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Prompts may be strings, token-id lists, `{"prompt_token_ids": [...]}`, or a list of these.
+        Returns one finished RequestOutput per prompt, in order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                ids.append(self.engine.add_request(f"llm-{next(self._ids)}", prompt, p))
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            self.engine.step()
+            raise
+        finished: dict[str, RequestOutput] = {}
+        while len(finished) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[rid] for rid in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} messages) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self._chat_prompt(c, add_generation_prompt) for c in conversations], params)
+
+    def _chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True) -> dict:
+        tok = self.engine.tokenizer
+        text = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        # the template already holds every special token it wants
+        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
+        """Yield text deltas of one request as the engine produces them. With chat=True the prompt is a
+        conversation. Stopping the iteration early aborts the request."""
+        if chat:
+            prompt = self._chat_prompt(prompt)
+        rid = self.engine.add_request(f"llm-{next(self._ids)}", prompt, params or SamplingParams())
+        done = False
+        try:
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if out.outputs[0].delta_text:
+                        yield out.outputs[0].delta_text
+                    done = out.finished
+        finally:
+            if not done:
+                self.engine.abort(rid)
+                self.engine.step()
