@@ -1,0 +1,120 @@
+"""The vectorized sampler against a plain, one-row-at-a-time reference."""
+import math
+
+import torch
+
+from lamina.engine import sampler
+from lamina.sampling_params import SamplingParams
+
+V = 50
+
+
+def make_batch(params, prompts, outputs, banned=None):
+    params = [p.with_defaults({}) for p in params]
+    return sampler.SamplingBatch.build(params, prompts, outputs, banned or [[] for _ in params],
+                                       [None] * len(params))
+
+
+def ref_penalties(row, p: SamplingParams, prompt, output):
+    row = row.clone()
+    for tok in set(output):
+        row[tok] -= p.frequency_penalty * output.count(tok) + p.presence_penalty
+    for tok in set(prompt) | set(output):
+        row[tok] = row[tok] / p.repetition_penalty if row[tok] > 0 else row[tok] * p.repetition_penalty
+    for tok, bias in (p.logit_bias or {}).items():
+        row[tok] += bias
+    return row
+
+
+def ref_filters(row, p: SamplingParams):
+    """top-k, then top-p over what is left, then min-p: the kept set, computed by brute force."""
+    order = sorted(range(V), key=lambda i: -row[i].item())
+    keep = order[:p.top_k] if p.top_k > 0 else order
+    probs = torch.softmax(row[keep], 0).tolist()
+    kept, mass = [], 0.0
+    for tok, pr in zip(keep, probs):
+        if mass >= p.top_p and kept:
+            break
+        kept.append(tok)
+        mass += pr
+    full = torch.softmax(row, 0)
+    if p.min_p > 0:
+        masked = torch.full_like(row, -math.inf)
+        masked[kept] = row[kept]
+        probs = torch.softmax(masked, 0)
+        kept = [t for t in kept if probs[t] >= p.min_p * probs.max()]
+    return set(kept), full
+
+
+def test_penalties_and_bias_match_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(4, V) * 3
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.3),
+              SamplingParams(repetition_penalty=1.3, logit_bias={3: 5.0, 7: -100.0}),
+              SamplingParams(),
+              SamplingParams(presence_penalty=-1.0, frequency_penalty=1.5, repetition_penalty=0.8)]
+    prompts = [[1, 2, 3], [4, 5, 5, 6], [7], [8, 9, 9, 10]]
+    outputs = [[11, 11, 12], [4, 13, 13, 13], [], [9, 9, 20]]
+    b = make_batch(params, prompts, outputs)
+    got = sampler.apply_bias_and_bans(sampler.apply_penalties(logits, b), b)
+    for i, p in enumerate(params):
+        want = ref_penalties(logits[i], p.with_defaults({}), prompts[i], outputs[i])
+        assert torch.allclose(got[i], want, atol=1e-5), i
+
+
+def test_top_k_top_p_min_p_match_reference():
+    torch.manual_seed(1)
+    logits = torch.randn(5, V) * 2
+    params = [SamplingParams(top_k=5), SamplingParams(top_p=0.6), SamplingParams(top_k=10, top_p=0.5),
+              SamplingParams(min_p=0.2), SamplingParams(top_p=0.9, min_p=0.1)]
+    b = make_batch(params, [[]] * 5, [[]] * 5)
+    got = sampler.apply_top_k_top_p_min_p(logits.clone(), b)
+    for i, p in enumerate(params):
+        kept, _ = ref_filters(logits[i], p.with_defaults({}))
+        assert {t for t in range(V) if got[i, t] > -math.inf} == kept, i
+
+
+def test_greedy_is_argmax_and_bans_apply():
+    torch.manual_seed(2)
+    logits = torch.randn(3, V)
+    params = [SamplingParams(temperature=0)] * 3
+    top = logits.argmax(-1).tolist()
+    b = make_batch(params, [[]] * 3, [[]] * 3, banned=[[], [top[1]], []])
+    tokens, _ = sampler.sample(logits, b)
+    assert tokens[0] == top[0] and tokens[2] == top[2]
+    assert tokens[1] != top[1]
+
+
+def test_sampling_follows_distribution_and_respects_top_k():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-50.0] * (V - 4)]).repeat(4000, 1)
+    params = [SamplingParams(temperature=1.0)] * 4000
+    tokens, _ = sampler.sample(logits, make_batch(params, [[]] * 4000, [[]] * 4000))
+    freq = torch.bincount(torch.tensor(tokens), minlength=V)[:4].float() / 4000
+    expect = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0]), 0)
+    assert torch.allclose(freq, expect, atol=0.03)
+    params = [SamplingParams(temperature=1.0, top_k=2)] * 4000
+    tokens, _ = sampler.sample(logits, make_batch(params, [[]] * 4000, [[]] * 4000))
+    assert set(tokens) <= {0, 1}
+
+
+def test_seeded_rows_do_not_depend_on_batch():
+    torch.manual_seed(3)
+    row = torch.randn(1, V)
+    def draw(batch_rows, seed_row):
+        logits = torch.cat([torch.randn(batch_rows, V), row]) if batch_rows else row
+        params = [SamplingParams(temperature=1.0)] * batch_rows + [SamplingParams(temperature=1.0, seed=5)]
+        b = make_batch(params, [[]] * len(params), [[]] * len(params))
+        b.generators = [None] * batch_rows + [torch.Generator().manual_seed(seed_row)]
+        return sampler.sample(logits, b)[0][-1]
+    assert [draw(0, 5) for _ in range(3)] == [draw(7, 5) for _ in range(3)]
+
+
+def test_logprobs_are_log_softmax_of_raw_logits():
+    torch.manual_seed(4)
+    logits = torch.randn(2, V)
+    params = [SamplingParams(temperature=0, logprobs=3, presence_penalty=2.0), SamplingParams(temperature=0)]
+    tokens, lps = sampler.sample(logits, make_batch(params, [[1], [1]], [[5], [5]]))
+    ref = torch.log_softmax(logits[0], 0)
+    assert abs(lps[0].logprob - ref[tokens[0]].item()) < 1e-5
+    assert [t for t, _ in lps[0].top] == ref.topk(3).indices.tolist()
+    assert lps[1] is None
