@@ -75,8 +75,16 @@ class Tokenizer:
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
-        self._byte_level = "ByteLevel" in json.dumps(decoder)
+        spec = json.loads(self._tok.to_str())
+        self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder") or {})
+        # SentencePiece-style byte fallback: <0xNN> pieces. The decoder turns a whole run of them into
+        # text at once (and all of it into U+FFFD if the run is not valid UTF-8), so a run's text is
+        # only final once a non-byte token follows it.
+        self.byte_fallback_ids = frozenset()
+        if (spec.get("model") or {}).get("byte_fallback"):
+            self.byte_fallback_ids = frozenset(
+                i for piece, i in self._tok.get_vocab().items()
+                if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
         self._template = None
 
     @staticmethod
@@ -164,7 +172,8 @@ class IncrementalDetokenizer:
 
     Each step decodes a short window of recent tokens twice (without and with the new ones) and
     emits the difference, so the cost per token stays constant. A delta is held back while the
-    window ends in U+FFFD: a multi-byte character whose remaining bytes are still to come.
+    window ends in U+FFFD (a multi-byte character whose remaining bytes are still to come) or in a
+    byte-fallback token (whose run may still grow).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -177,6 +186,8 @@ class IncrementalDetokenizer:
 
     def add(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
+        if self._ends_in_byte_run():
+            return ""
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
         new_text = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
@@ -186,6 +197,16 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self.text += delta
         return delta
+
+    def _ends_in_byte_run(self) -> bool:
+        byte_ids = self.tokenizer.byte_fallback_ids
+        if not byte_ids:
+            return False
+        skipped = self.tokenizer.special_ids if self.skip_special_tokens else ()
+        for i in reversed(self.ids):
+            if i not in skipped:   # skipped special tokens vanish before decoding: look past them
+                return i in byte_ids
+        return False
 
     def flush(self) -> str:
         """At the end of the sequence: emit whatever was held back (even a lone U+FFFD)."""
