@@ -9,3 +9,26 @@ except Exception:  # pragma: no cover
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# --- the default model (lamina.registry) -------------------------------------------------------
+import pytest  # noqa: E402
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    """The default model's directory, pulled once into $LAMINA_HOME if set, else into the default
+    cache (~/.cache/lamina), so repeated local runs reuse it."""
+    from lamina.registry import pull
+
+    return pull(DEFAULT_MODEL, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path(default_model_dir) -> str:
+    """The verified GGUF the default model was converted from (kept as source.gguf)."""
+    from lamina.registry import SOURCE_GGUF
+
+    return os.path.join(default_model_dir, SOURCE_GGUF)
