@@ -42,6 +42,11 @@ class ModelRunner:
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
+        # Decode steps are many tiny kernels: compiling fuses them and removes per-op overhead.
+        # Prefill stays eager (it is matmul-bound). Inductor caches its output on disk across runs.
+        self.compiled_forward = None
+        if not config.enforce_eager:
+            self.compiled_forward = torch.compile(self.model.forward, dynamic=True)
 
     @property
     def bytes_per_block(self) -> int:
@@ -124,4 +129,6 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, logits_rows: list[np.ndarray]) -> torch.Tensor:
         input_ids, positions, md = self.prepare(batch, logits_rows)
+        if self.compiled_forward is not None and md.is_decode:
+            return self.compiled_forward(input_ids, positions, md)
         return self.model(input_ids, positions, md)

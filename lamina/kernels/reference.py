@@ -11,8 +11,10 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                    slot_mapping: torch.Tensor) -> None:
     """Write k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots; -1 skips."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
+    # the check reads a value back (a sync); compiled decode steps skip it, as lamina's engine
+    # never pads the batches it compiles
+    if not torch.compiler.is_compiling() and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
@@ -55,10 +57,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _decode_attention(q, k_cache, v_cache, md: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
-    """One new token per sequence: gather every sequence's blocks at once and mask the tail."""
-    block_size = k_cache.shape[1]
-    num_blocks = (md.max_seq_len + block_size - 1) // block_size
-    table = md.block_tables[:, :num_blocks].long()
+    """One new token per sequence: gather every sequence's blocks at once and mask the tail.
+    The block table is exactly as wide as the longest sequence needs, which keeps every shape
+    here a tensor dimension (so a compiled decode step need not recompile per length)."""
+    table = md.block_tables.long()
     batch = table.shape[0]
     k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache[table].flatten(1, 2).transpose(1, 2)
