@@ -71,6 +71,11 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.runner = ModelRunner(config, self.model_dir, self.max_model_len)
+        if self.kv_capacity_tokens < self.max_model_len:
+            # as vLLM does: one full-length sequence must fit, so shrink the context to the cache
+            log.warning("the KV cache holds %d tokens, less than the context of %d: serving a context of %d",
+                        self.kv_capacity_tokens, self.max_model_len, self.kv_capacity_tokens)
+            self.max_model_len = self.kv_capacity_tokens
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
@@ -113,11 +118,6 @@ class LLMEngine:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{n + (params.max_tokens or 0)} tokens ({asked}). Please reduce the length of the "
                 f"prompt or the number of requested output tokens.")
-        total = n + (params.max_tokens if params.max_tokens is not None else limit - n)
-        if total > self.kv_capacity_tokens:
-            raise RequestError(f"this request needs up to {total} tokens of KV cache, but the whole cache "
-                               f"holds {self.kv_capacity_tokens}; lower max_tokens or enlarge the cache",
-                               param="max_tokens")
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> str:
@@ -200,7 +200,10 @@ class LLMEngine:
                 self._record_prompt_logprobs(seq, logits[offset:offset + len(rows)], n)
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-            if samples:
+            if samples and seq.params.max_tokens == 0:   # scoring only: the prompt's logprobs
+                self._finish(seq, "length")
+                outputs.append(self._make_output(self.requests[seq.request_id]))
+            elif samples:
                 sample_seqs.append(seq)
                 sample_rows.append(offset + len(rows) - 1)
             offset += len(rows)

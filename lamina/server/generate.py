@@ -216,8 +216,6 @@ class _Run:
                     c = self.choices[p * self.n + o.index]
                     if c.finish_reason is not None:
                         continue
-                    if self.gen.params.max_tokens == 0:  # only the prompt's logprobs were wanted (echo)
-                        o = replace(o, token_ids=[], delta_text="", delta_token_ids=[], delta_logprobs=None)
                     c.num_tokens = len(o.token_ids)
                     if o.delta_token_ids and self.ttft is None:
                         self.ttft = time.monotonic() - self.t0

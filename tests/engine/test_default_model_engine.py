@@ -35,13 +35,15 @@ def test_64_staggered_equal_one_at_a_time(default_model_dir, prompts):
 
 
 def test_chunked_prefix_cached_and_preempted_agree(default_model_dir, prompts):
+    longer = SamplingParams(max_tokens=24, temperature=0, logprobs=2, ignore_eos=True)
     base = run(make_engine(default_model_dir, kv_cache_memory=256 << 20, enable_prefix_caching=False),
-               prompts[:16], PARAMS)
+               prompts[:8], longer)
     chunked = run(make_engine(default_model_dir, kv_cache_memory=256 << 20, max_num_batched_tokens=32),
-                  prompts[:16], PARAMS, stagger=4)
-    # ~45-token prompts + 8 tokens: 4 blocks each, 24 blocks hold only a few at once
-    tight_engine = make_engine(default_model_dir, num_gpu_blocks_override=24)
-    tight = run(tight_engine, prompts[:16], PARAMS)
+                  prompts[:8], longer, stagger=3)
+    # ~40-token prompts grow past their third block while decoding: with 12 blocks, sequences
+    # admitted on prompt blocks alone must later be preempted to let the older ones grow
+    tight_engine = make_engine(default_model_dir, num_gpu_blocks_override=12)
+    tight = run(tight_engine, prompts[:8], longer)
     assert tight_engine.stats.num_preemptions_total > 0
     for a, b, c in zip(base, chunked, tight):
         assert_greedy_agree(a, b)

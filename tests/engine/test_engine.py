@@ -124,13 +124,16 @@ def test_abort_anywhere_frees_everything(tiny_model_dir):
 
 
 def test_requests_that_cannot_fit_are_refused(tiny_model_dir):
-    engine = make_engine(tiny_model_dir, max_model_len=128, num_gpu_blocks_override=4)
+    engine = make_engine(tiny_model_dir, max_model_len=128)
     with pytest.raises(ContextLengthExceeded, match="maximum context length is 128 tokens"):
         engine.add_request("a", {"prompt_token_ids": [1] * 120}, SamplingParams(max_tokens=20))
     with pytest.raises(ContextLengthExceeded):
         engine.add_request("b", {"prompt_token_ids": [1] * 128}, SamplingParams(max_tokens=None))
-    with pytest.raises(RequestError, match="KV cache"):  # 4 blocks = 64 tokens < 100
-        engine.add_request("c", {"prompt_token_ids": [1] * 90}, SamplingParams(max_tokens=10))
+    # a cache smaller than the context shrinks the context, so any admitted request can finish
+    small = make_engine(tiny_model_dir, max_model_len=128, num_gpu_blocks_override=4)
+    assert small.max_model_len == 64
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 64 tokens"):
+        small.add_request("c", {"prompt_token_ids": [1] * 60}, SamplingParams(max_tokens=10))
     with pytest.raises(RequestError, match="empty"):
         engine.add_request("d", {"prompt_token_ids": []}, SamplingParams())
     assert not engine.has_unfinished_requests()
@@ -201,3 +204,19 @@ def test_stats_track_steps(tiny_model_dir):
     assert st.inter_token_latency.count == 9
     assert st.num_running == 0 and st.kv_blocks_used == 0
     assert st.kv_blocks_used + st.kv_blocks_cached + st.kv_blocks_free == st.kv_blocks_total
+
+
+def test_max_tokens_zero_scores_the_prompt(tiny_model_dir):
+    engine = make_engine(tiny_model_dir)
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    out = run(engine, [prompt], SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+    assert out.finished and out.outputs[0].token_ids == [] and out.finish_reason == "length"
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    assert [r.token_id for r in out.prompt_logprobs[1:]] == prompt[1:]
+    # the logprob of each prompt token equals what decoding that prefix would report for it
+    for k in (1, 4):
+        # force the prompt's next token with a bias; logprobs come from the unbiased logits
+        forced = SamplingParams(max_tokens=1, temperature=0, logprobs=0, logit_bias={prompt[k]: 100})
+        nxt = run(engine, [prompt[:k]], forced)[0].outputs[0].logprobs[0]
+        assert nxt.token_id == prompt[k]
+        assert abs(nxt.logprob - out.prompt_logprobs[k].logprob) < 1e-4
