@@ -46,7 +46,7 @@ class ModelRunner:
         # Prefill stays eager (it is matmul-bound). Inductor caches its output on disk across runs.
         self.compiled_forward = None
         if not config.enforce_eager:
-            self.compiled_forward = torch.compile(self.model.forward, dynamic=True)
+            self.compiled_forward = torch.compile(self.model.forward)
 
     @property
     def bytes_per_block(self) -> int:
