@@ -334,8 +334,8 @@ class LLMEngine:
             st.num_preemptions_total += batch.num_preempted
             st.last_step = StepStats(st.num_running, st.num_waiting, batch.num_tokens - batch.num_decode,
                                      batch.num_decode, batch.num_preempted)
-            for seq in batch.admitted:
-                st.prefix_cache_queries_total += len(seq)
+            for seq, looked_up in batch.admitted:
+                st.prefix_cache_queries_total += looked_up
                 st.prefix_cache_hits_total += seq.num_cached_tokens
         if self.config.log_stats_interval and time.monotonic() - self._last_log >= self.config.log_stats_interval:
             self._last_log = time.monotonic()

@@ -19,7 +19,8 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     num_decode: int = 0                                          # of the tokens, how many are decodes
-    admitted: list[Sequence] = field(default_factory=list)     # newly admitted from the waiting queue
+    # newly admitted from the waiting queue, with how many tokens were looked up in the prefix cache
+    admitted: list[tuple[Sequence, int]] = field(default_factory=list)
     num_preempted: int = 0
 
     @property
@@ -108,7 +109,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.wait_for = None
             self.running.append(seq)
-            batch.admitted.append(seq)
+            batch.admitted.append((seq, len(seq)))
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new

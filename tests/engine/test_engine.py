@@ -199,6 +199,7 @@ def test_stats_track_steps(tiny_model_dir):
     st = engine.stats
     assert st.generation_tokens_total == 12
     assert st.prompt_tokens_total == sum(len(p) for p in random_prompts(3, seed=8))
+    assert st.prefix_cache_queries_total == st.prompt_tokens_total
     assert st.request_success_total == {"length": 3}
     assert st.time_to_first_token.count == 3 and st.e2e_request_latency.count == 3
     assert st.inter_token_latency.count == 9
