@@ -47,7 +47,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         qi = q[start:end].transpose(0, 1)                                       # [Hq, Lq, D]
         num_new = end - start
         if num_new == seq_len:
-            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            if gqa:  # torch's fused CPU attention takes no GQA with is_causal; repeating K/V is cheaper
+                k = k.repeat_interleave(num_heads // num_kv_heads, dim=0)
+                v = v.repeat_interleave(num_heads // num_kv_heads, dim=0)
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale)
         else:
             # new token j sits at absolute position seq_len - num_new + j and sees keys up to it
             q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
