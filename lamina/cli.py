@@ -130,7 +130,13 @@ def cmd_generate(args) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    _report_profile(llm, args)
     return 0
+
+
+def _report_profile(llm, args) -> None:
+    if args.profile_steps:
+        print(f"step profile (--profile-steps):\n{llm.engine.profiler.report()}", file=sys.stderr)
 
 
 def cmd_chat(args) -> int:
@@ -145,10 +151,10 @@ def cmd_chat(args) -> int:
             line = input(">>> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
-            return 0
+            break
         command = line.strip()
         if command in ("/exit", "/quit"):
-            return 0
+            break
         if command == "/reset":
             conversation = list(start)
             print("(conversation cleared)", file=sys.stderr)
@@ -170,6 +176,8 @@ def cmd_chat(args) -> int:
             continue
         sys.stdout.write("\n")
         conversation.append({"role": "assistant", "content": reply})
+    _report_profile(llm, args)
+    return 0
 
 
 def _llm_kwargs(args) -> dict:

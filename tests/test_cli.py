@@ -54,3 +54,13 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     out = lamina("generate", "--model", str(tmp_path / "nope"), "hi")
     assert out.returncode != 0
     assert "Traceback" not in out.stderr and "nope" in out.stderr
+
+
+def test_profile_steps_reports_where_time_goes(tiny_dir):
+    out = lamina("generate", "--model", tiny_dir, "--dtype", "float32", "--kv-cache-memory", "16MiB",
+                 "--temperature", "0", "--max-tokens", "6", "--profile-steps", "hi")
+    assert out.returncode == 0, out.stderr
+    report = out.stderr[out.stderr.index("step profile"):]
+    for phase in ("schedule", "prepare", "forward", "sample", "detokenize"):
+        assert phase in report
+    assert "ms per step" in report

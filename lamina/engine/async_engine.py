@@ -77,6 +77,8 @@ class AsyncEngine:
         self._stopping = True
         self._commands.put(("wake",))
         self._thread.join(timeout)
+        if self.engine.profiler.enabled:
+            log.info("step profile (--profile-steps):\n%s", self.engine.profiler.report())
 
     @property
     def is_alive(self) -> bool:

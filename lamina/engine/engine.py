@@ -165,7 +165,11 @@ class LLMEngine:
         outputs, self._pending_outputs = self._pending_outputs, []
         if batch.seqs:
             logits_rows, samplers = self._logits_plan(batch)
-            logits = self.runner.execute(batch, logits_rows)
+            inputs = self.runner.prepare(batch, logits_rows)
+            prof.mark("prepare")
+            logits = self.runner.forward(*inputs)
+            if prof.enabled:  # GPU work is asynchronous: wait for it, or sampling gets the blame
+                self.runner.synchronize()
             prof.mark("forward")
             self._process(batch, logits, logits_rows, samplers, outputs)
         self._update_stats(batch)

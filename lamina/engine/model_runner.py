@@ -127,8 +127,11 @@ class ModelRunner:
         return to(np.concatenate(ids), torch.long), to(np.concatenate(pos), torch.long), md
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, logits_rows: list[np.ndarray]) -> torch.Tensor:
-        input_ids, positions, md = self.prepare(batch, logits_rows)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         if self.compiled_forward is not None and md.is_decode:
             return self.compiled_forward(input_ids, positions, md)
         return self.model(input_ids, positions, md)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
