@@ -37,6 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one step; long prompts are prefilled in chunks of it (default: 2048)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="CPU KV-cache budget, e.g. 2GiB (default: 4GiB)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="KV-cache dtype; auto = float32 on CPU (faster attention there), the model's dtype on GPU")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",

@@ -102,6 +102,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     kv_cache_memory: int | None = None        # CPU KV budget in bytes; None: enough for 32 x 2k tokens
+    kv_cache_dtype: str = "auto"              # auto: float32 on CPU (faster attention there), model dtype on GPU
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None  # tests: force a (tiny) cache size
     enable_prefix_caching: bool = True

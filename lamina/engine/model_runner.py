@@ -33,14 +33,15 @@ class ModelRunner:
             from lamina.models.quant import quantize_model
             quantize_model(self.model, config.quantization)
         self.dtype = self.model.dtype
+        self.kv_dtype = self._kv_cache_dtype(config.kv_cache_dtype)
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         cfg = self.model.config
         shape = (self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         # zeros, not empty: padded lanes of a gathered block may be read (then masked), and 0 * NaN
         # from never-written memory would poison the output
-        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self.k_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
         # Decode steps are many tiny kernels: compiling fuses them and removes per-op overhead.
         # Prefill stays eager (it is matmul-bound). Inductor caches its output on disk across runs.
@@ -48,10 +49,20 @@ class ModelRunner:
         if not config.enforce_eager:
             self.compiled_forward = torch.compile(self.model.forward)
 
+    def _kv_cache_dtype(self, name: str) -> torch.dtype:
+        """'auto': float32 on CPU, where torch's attention kernels run several times faster in
+        float32 than in bf16 and the cache is small next to RAM; the model's dtype on GPUs."""
+        if name == "auto":
+            return torch.float32 if self.device.type == "cpu" else self.dtype
+        from lamina.models.loader import DTYPES
+        if name not in DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {name!r}; choose auto, float32, bfloat16 or float16")
+        return DTYPES[name]
+
     @property
     def bytes_per_block(self) -> int:
         cfg = self.model.config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
     def _num_blocks(self) -> int:
@@ -74,7 +85,7 @@ class ModelRunner:
         tokens = self.config.max_num_batched_tokens
         blocks = (tokens + self.block_size - 1) // self.block_size
         shape = (blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        tmp = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
+        tmp = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(2)]
         self.model.bind_kv_caches([tmp[0]] * cfg.num_hidden_layers, [tmp[1]] * cfg.num_hidden_layers)
         md = AttentionMetadata(
             query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),

@@ -30,11 +30,13 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int)
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     md: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, Hq, D] attends causally over its own sequence's cached K/V; returns [T, Hq, D]."""
+    """q [T, Hq, D] attends causally over its own sequence's cached K/V; returns [T, Hq, D].
+    The cache may hold a wider dtype than q (float32 on CPU): the math runs in the cache's dtype."""
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     gqa = num_heads != num_kv_heads
+    out_dtype, q = q.dtype, q.to(k_cache.dtype)
     if md.is_decode:
-        return _decode_attention(q, k_cache, v_cache, md, scale, gqa)
+        return _decode_attention(q, k_cache, v_cache, md, scale, gqa).to(out_dtype)
     out = torch.empty_like(q)
     starts = md.query_start_loc.tolist()
     lens = md.seq_lens.tolist()
@@ -57,7 +59,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[start:end] = o.transpose(0, 1)
-    return out
+    return out.to(out_dtype)
 
 
 def _decode_attention(q, k_cache, v_cache, md: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
