@@ -54,8 +54,10 @@ def check_text_roundtrip(tok, text):
     ids = tok.encode(text, add_special_tokens=False)
     deltas = stream_decode(tok, ids)
     assert "".join(deltas) == tok.decode(ids)
-    # valid text never shows a replacement character mid-stream
-    assert all("\ufffd" not in d for d in deltas)
+    # text the tokenizer round-trips never shows a replacement character mid-stream (characters
+    # outside its vocabulary may decode to U+FFFD in full, and then may in a delta too)
+    if "\ufffd" not in tok.decode(ids):
+        assert all("\ufffd" not in d for d in deltas)
 
 
 def check_random_ids(tok, ids):
