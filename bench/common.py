@@ -1,0 +1,268 @@
+"""Shared pieces of lamina's benchmark suite: paths, the workload's prompt token ids, running one
+system in a subprocess, statistics, and the bytes of weights a decode step reads.
+
+Nothing here imports torch at module level: the orchestrator (bench/run.py) stays light, and every
+system runs in its own subprocess (bench/workers.py) so threads and memory never interfere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+OUT_DIR = os.path.join(BENCH_DIR, "out")
+PEERS_DIR = os.path.join(BENCH_DIR, "peers")
+PEERS_BIN = os.path.join(PEERS_DIR, "bin")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# First token ids of SmolLM2's vocabulary are special (<|endoftext|>, <|im_start|>, ...): prompts
+# draw ordinary tokens above them.
+FIRST_ORDINARY_TOKEN = 100
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def model_dir(model: str = DEFAULT_MODEL) -> str:
+    """The converted Hugging Face directory of a lamina registry model (config.json, model.safetensors,
+    tokenizer.json, source.gguf). Pulls the model the first time."""
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    sys.path.insert(0, REPO_DIR)
+    from lamina.registry import resolve_model
+    return resolve_model(model)
+
+
+def gguf_path(hf_dir: str) -> str | None:
+    path = os.path.join(hf_dir, "source.gguf")
+    return path if os.path.exists(path) else None
+
+
+def vocab_size(hf_dir: str) -> int:
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        return int(json.load(f)["vocab_size"])
+
+
+def kv_bytes_per_token(hf_dir: str, element_size: int) -> int:
+    """K and V of one token over all layers."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        c = json.load(f)
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+    return 2 * c["num_hidden_layers"] * kv_heads * head_dim * element_size
+
+
+def random_prompt(vocab: int, length: int, seed: int) -> list[int]:
+    """`length` ordinary token ids, a pure function of (vocab, length, seed): every system gets the
+    very same ids. Different seeds give prompts that differ from their first token, so no run hits
+    another run's prefix cache."""
+    import random
+    rng = random.Random(seed * 1_000_003 + length)
+    return [rng.randrange(FIRST_ORDINARY_TOKEN, vocab) for _ in range(length)]
+
+
+def mixed_prompts(vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    """`n` prompts with lengths drawn uniformly from [lo, hi] (fixed seed)."""
+    import random
+    rng = random.Random(seed)
+    lengths = [rng.randint(lo, hi) for _ in range(n)]
+    return [random_prompt(vocab, length, seed=10_000 + seed * 100_000 + i) for i, length in enumerate(lengths)]
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs: list[dict], keys: list[str]) -> dict:
+    """Median of each key over runs, plus the raw per-run values."""
+    out = {k: median([r.get(k) for r in runs]) for k in keys}
+    out["runs"] = runs
+    return out
+
+
+def run_worker(args: list[str], timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run `python bench/workers.py ARGS --out FILE` in a fresh process and return the JSON it wrote.
+    Its stderr goes straight to ours (progress); a failure returns {"error": ...}."""
+    fd, out = tempfile.mkstemp(prefix="lamina-bench-", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, os.path.join(BENCH_DIR, "workers.py"), *args, "--out", out]
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO_DIR + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    t0 = time.time()
+    try:
+        with OthersMeter() as meter:
+            proc = subprocess.run(cmd, stdout=sys.stderr, env=full_env, timeout=timeout, cwd=REPO_DIR)
+        if proc.returncode != 0:
+            return {"error": f"worker exited with {proc.returncode}: {' '.join(args)}"}
+        with open(out) as f:
+            result = json.load(f)
+        result.setdefault("wall_s", round(time.time() - t0, 2))
+        result["others_cpu_during"] = meter.fraction
+        return result
+    except subprocess.TimeoutExpired:
+        return {"error": f"worker timed out after {timeout}s: {' '.join(args)}"}
+    except (OSError, ValueError) as e:
+        return {"error": f"worker failed: {e}"}
+    finally:
+        try:
+            os.unlink(out)
+        except OSError:
+            pass
+
+
+def cpu_busy(interval: float = 1.0) -> float | None:
+    """Fraction of the machine's CPU time spent busy over `interval` seconds (/proc/stat), i.e. what
+    other processes use while the suite itself sleeps. None where /proc/stat does not exist."""
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals[:8]), idle
+    try:
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+    except OSError:
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+class OthersMeter:
+    """How much CPU other processes used while a measurement ran: the machine's busy time
+    (/proc/stat) minus this process's and its waited-for children's CPU time, as a fraction of all
+    CPUs over the wall time.
+
+        with OthersMeter() as m:
+            subprocess.run(...)
+        m.fraction  # 0.0 on a quiet machine
+    """
+
+    def __enter__(self):
+        self.fraction = None
+        self._start = self._read()
+        return self
+
+    @staticmethod
+    def _read():
+        import resource
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return None
+        busy = sum(vals[:8]) - vals[3] - (vals[4] if len(vals) > 4 else 0)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+        return busy / os.sysconf("SC_CLK_TCK"), ours, time.time()
+
+    def __exit__(self, *exc):
+        end = self._read()
+        if self._start and end:
+            wall = end[2] - self._start[2]
+            others = (end[0] - self._start[0]) - (end[1] - self._start[1])
+            if wall > 0:
+                self.fraction = round(max(0.0, others / (wall * (os.cpu_count() or 1))), 3)
+        return False
+
+
+WAIT_IDLE_S = float(os.environ.get("LAMINA_BENCH_WAIT_IDLE", "0"))
+BUSY_THRESHOLD = 0.15
+
+
+def wait_for_idle(what: str, max_wait: float | None = None) -> dict:
+    """Before a measurement: wait (up to max_wait seconds, default $LAMINA_BENCH_WAIT_IDLE) until other
+    processes use less than 15% of the CPUs, and say how busy the machine was. Threads that share a
+    core with another busy process make every multi-threaded engine collapse, so a number measured on
+    a busy machine is flagged in the report."""
+    max_wait = WAIT_IDLE_S if max_wait is None else max_wait
+    t0 = time.time()
+    busy = cpu_busy()
+    while busy is not None and busy > BUSY_THRESHOLD and time.time() - t0 < max_wait:
+        log(f"{what}: other processes use {busy:.0%} of the CPUs; waiting for a quiet machine "
+            f"({max_wait - (time.time() - t0):.0f}s left)")
+        time.sleep(4)
+        busy = cpu_busy()
+    if busy is not None and busy > BUSY_THRESHOLD:
+        log(f"{what}: measuring on a busy machine (other processes use {busy:.0%} of the CPUs)")
+    return {"cpu_busy_before": None if busy is None else round(busy, 3), "waited_s": round(time.time() - t0, 1)}
+
+
+def llama_bin(name: str) -> str | None:
+    """bench/peers/bin/NAME (built by bench/build_llamacpp.sh), else NAME on $PATH."""
+    path = os.path.join(PEERS_BIN, name)
+    if os.access(path, os.X_OK):
+        return path
+    return shutil.which(name)
+
+
+def llamacpp_build_info() -> dict:
+    info = {}
+    path = os.path.join(PEERS_BIN, "BUILD_INFO")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if "=" in line:
+                    k, v = line.rstrip("\n").split("=", 1)
+                    info[k] = v
+    return info
+
+
+def have_module(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def weight_bytes_torch(model) -> int:
+    """Bytes of weights one decode step reads: every tensor of every module except embedding tables
+    (a lookup reads one row), counting each storage once; a tied lm_head counts the table once, as
+    the lm_head. Buffers count only when they are weights (`weight`, `scale`, `bias`: int8 linears),
+    not rotary caches."""
+    import torch
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        tensors = list(module.named_parameters(recurse=False)) + [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n in ("weight", "scale", "bias")]
+        for _, t in tensors:
+            if t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def weight_bytes_gguf(path: str) -> int:
+    """Bytes of tensor data of a GGUF file that a decode step reads (token_embd counts when it is
+    also the output matrix, i.e. when there is no output.weight)."""
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    total = 0
+    for t in reader.tensors:
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue
+        total += int(t.n_bytes)
+    return total
+
+
+def fmt(x, digits: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}f}"
+    return str(x)
