@@ -6,9 +6,10 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from lamina.config import EngineConfig, ModelConfig
 from lamina.engine import sampler
@@ -36,8 +37,6 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     aborted: bool = False
-    reported_finished: bool = False
-    prompt_logprobs: list[TokenLogprob | None] | None = field(default=None)
 
     @property
     def finished(self) -> bool:
@@ -55,6 +54,7 @@ def read_generation_config(model_dir: str) -> dict:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        torch.manual_seed(config.seed)  # the noise of unseeded sampling
         if os.path.isdir(config.model):
             self.model_dir = config.model
         else:
@@ -339,6 +339,8 @@ class LLMEngine:
             st.last_step = StepStats(st.num_running, st.num_waiting, batch.num_tokens - batch.num_decode,
                                      batch.num_decode, batch.num_preempted)
             for seq, looked_up in batch.admitted:
+                if seq.metrics.first_scheduled_time is None:
+                    seq.metrics.first_scheduled_time = time.time()
                 st.prefix_cache_queries_total += looked_up
                 st.prefix_cache_hits_total += seq.num_cached_tokens
         if self.config.log_stats_interval and time.monotonic() - self._last_log >= self.config.log_stats_interval:
