@@ -63,15 +63,38 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _decode_attention(q, k_cache, v_cache, md: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
-    """One new token per sequence: gather every sequence's blocks at once and mask the tail.
-    The block table is exactly as wide as the longest sequence needs, which keeps every shape
-    here a tensor dimension (so a compiled decode step need not recompile per length)."""
-    table = md.block_tables.long()
+    """One new token per sequence. Gathering pads every sequence to the longest, so a large
+    batch of mixed lengths is split into groups of similar length first (eager mode only)."""
+    if md.num_seqs >= 16 and not torch.compiler.is_compiling():
+        lens = md.seq_lens.tolist()
+        order = sorted(range(len(lens)), key=lens.__getitem__)
+        groups, start = [], 0
+        for i in range(1, len(order) + 1):  # cut where a group's longest would be > 1.5x its shortest
+            if i == len(order) or lens[order[i]] > 1.5 * lens[order[start]] + 16:
+                groups.append(order[start:i])
+                start = i
+        if len(groups) > 1:
+            out = torch.empty_like(q)
+            bs = k_cache.shape[1]
+            for g in groups:
+                idx = torch.tensor(g, device=q.device)
+                width = (lens[g[-1]] + bs - 1) // bs
+                out[idx] = _padded_decode_attention(q[idx], k_cache, v_cache, md.block_tables[idx, :width],
+                                                    md.seq_lens[idx], scale, gqa)
+            return out
+    return _padded_decode_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens, scale, gqa)
+
+
+def _padded_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, gqa: bool) -> torch.Tensor:
+    """Gather every sequence's blocks at once and mask the tail. The block table is exactly as
+    wide as the longest sequence needs, which keeps every shape here a tensor dimension (so a
+    compiled decode step need not recompile per length)."""
+    table = block_tables.long()
     batch = table.shape[0]
     k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache[table].flatten(1, 2).transpose(1, 2)
     length = k.shape[2]
-    mask = torch.arange(length, device=q.device)[None, :] < md.seq_lens[:, None]
+    mask = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
                                        scale=scale, enable_gqa=gqa)
     return o.view(batch, q.shape[1], q.shape[2])
