@@ -215,9 +215,11 @@ class LLMEngine:
             return
         params = [s.params for s in sample_seqs]
         banned = [self._banned(s) for s in sample_seqs]
-        sb = sampler.SamplingBatch.build(params, [s.token_ids[:s.num_prompt_tokens] for s in sample_seqs],
-                                         [s.output_token_ids for s in sample_seqs], banned,
-                                         [s.generator for s in sample_seqs])
+        # token histories only feed the penalties: skip copying them on every step when none is set
+        penalized = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params)
+        prompts = [s.token_ids[:s.num_prompt_tokens] if penalized else [] for s in sample_seqs]
+        outputs_so_far = [s.output_token_ids if penalized else [] for s in sample_seqs]
+        sb = sampler.SamplingBatch.build(params, prompts, outputs_so_far, banned, [s.generator for s in sample_seqs])
         token_ids, logprobs = sampler.sample(logits[np.asarray(sample_rows)], sb)
         prof.mark("sample")
         touched: dict[str, Request] = {}

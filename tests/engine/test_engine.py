@@ -221,3 +221,16 @@ def test_max_tokens_zero_scores_the_prompt(tiny_model_dir):
         nxt = run(engine, [prompt[:k]], forced)[0].outputs[0].logprobs[0]
         assert nxt.token_id == prompt[k]
         assert abs(nxt.logprob - out.prompt_logprobs[k].logprob) < 1e-4
+
+
+def test_penalties_reach_the_sampler_through_the_engine(tiny_model_dir):
+    """The engine hands token histories to the sampler only when a penalty is set; check it does then."""
+    engine = make_engine(tiny_model_dir)
+    prompt = [[5, 6, 7, 8]]
+    plain = run(engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+    assert len(set(plain)) < len(plain)  # the tiny model repeats itself greedily
+    fresh = run(engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                               frequency_penalty=2.0, presence_penalty=2.0,
+                                               repetition_penalty=2.0))[0].outputs[0].token_ids
+    assert fresh != plain
+    assert len(set(fresh)) > len(set(plain))
