@@ -17,8 +17,9 @@ Sections
             concurrency sweep (1, 4, 16, 32, 64): TTFT / ITL p50-p99, output tok/s
 
 Systems (--systems; those not installed are skipped and say so)
-  lamina         lamina's library API, --lamina-dtype (default auto)
-  lamina-bf16, lamina-fp32, lamina-int8 (bf16 + int8 weights), lamina-compile (torch.compile)
+  lamina         lamina's library API as configured by default (--lamina-dtype auto, compiled decode)
+  lamina-bf16, lamina-fp32, lamina-int8 / lamina-int4 (bf16 + int8 / int4 weights),
+  lamina-eager (no torch.compile)
   hf-bf16, hf-fp32   transformers AutoModelForCausalLM, SDPA attention, greedy generate
   llamacpp       llama.cpp on the model's source GGUF (Q4_1): llama-bench when built
                  (bash bench/build_llamacpp.sh), else the llama_cpp Python bindings
@@ -46,7 +47,7 @@ from common import (BENCH_DIR, OUT_DIR, REPO_DIR, OthersMeter, fmt, gguf_path, h
 SECTIONS = ("decode", "prefill", "offline", "serve")
 DEFAULT_SYSTEMS = "lamina,hf-bf16,hf-fp32,llamacpp"
 QUICK_SYSTEMS = "lamina,hf-bf16,llamacpp"
-ALL_SYSTEMS = ("lamina", "lamina-bf16", "lamina-fp32", "lamina-int8", "lamina-compile", "hf-bf16", "hf-fp32",
+ALL_SYSTEMS = ("lamina", "lamina-bf16", "lamina-fp32", "lamina-int8", "lamina-int4", "lamina-eager", "hf-bf16", "hf-fp32",
                "llamacpp", "llamacpp-py")
 
 
@@ -124,7 +125,8 @@ def system_args(name: str, args) -> list[str] | None:
         "lamina-bf16": lam + ["--dtype", "bfloat16"],
         "lamina-fp32": lam + ["--dtype", "float32"],
         "lamina-int8": lam + ["--dtype", "bfloat16", "--quantization", "int8"],
-        "lamina-compile": lam + ["--dtype", args.lamina_dtype, "--compile"],
+        "lamina-int4": lam + ["--dtype", "bfloat16", "--quantization", "int4"],
+        "lamina-eager": lam + ["--dtype", args.lamina_dtype, "--eager"],
         "hf-bf16": ["--engine", "hf", "--dtype", "bfloat16"],
         "hf-fp32": ["--engine", "hf", "--dtype", "float32"],
         "llamacpp-py": ["--engine", "llamacpp-py"],

@@ -132,19 +132,19 @@ def _timing(t_start: float, token_times: list[float], n_out: int, t_end: float) 
 
 
 class Lamina(System):
-    def __init__(self, model: str, dtype: str, quantization: str | None, compile_: bool, threads: int,
+    def __init__(self, model: str, dtype: str, quantization: str | None, eager: bool, threads: int,
                  kv_cache_memory: int, max_num_batched_tokens: int, max_num_seqs: int):
         from lamina import LLM, SamplingParams
         self.SamplingParams = SamplingParams
         t0 = time.time()
-        self.llm = LLM(model, dtype=dtype, quantization=quantization, enforce_eager=not compile_,
+        self.llm = LLM(model, dtype=dtype, quantization=quantization, enforce_eager=True if eager else None,
                        num_threads=threads, kv_cache_memory=kv_cache_memory,
                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
         runner = self.llm.engine.runner
         self.weight_bytes = weight_bytes_torch(runner.model)
         import torch
         self.info = {"load_s": round(time.time() - t0, 2), "dtype": str(runner.dtype).replace("torch.", ""),
-                     "quantization": quantization, "compiled": compile_, "torch_threads": torch.get_num_threads(),
+                     "quantization": quantization, "compiled": runner.compiled_forward is not None, "torch_threads": torch.get_num_threads(),
                      "kv_cache_memory": kv_cache_memory, "max_num_batched_tokens": max_num_batched_tokens,
                      "max_num_seqs": max_num_seqs}
 
@@ -265,7 +265,7 @@ class LlamaCppPy(System):
 
 def make_system(args) -> System:
     if args.engine == "lamina":
-        return Lamina(args.model_dir, args.dtype, args.quantization, args.compile, args.threads,
+        return Lamina(args.model_dir, args.dtype, args.quantization, args.eager, args.threads,
                       args.kv_cache_memory, args.max_num_batched_tokens, args.max_num_seqs)
     if args.engine == "hf":
         return HF(args.model_dir, args.dtype, args.threads)
@@ -305,7 +305,7 @@ def main() -> int:
     ap.add_argument("--model-dir")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quantization", default=None)
-    ap.add_argument("--compile", action="store_true", help="lamina: torch.compile (enforce_eager=False)")
+    ap.add_argument("--eager", action="store_true", help="lamina: no torch.compile (enforce_eager=True)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--kv-cache-memory", type=int, default=1 * GIB)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)

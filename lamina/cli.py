@@ -28,8 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and activation dtype; auto = bfloat16 on GPUs and CPUs with native bf16, else float32")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--quantization", default=None, choices=["int8"],
-                   help="weight-only quantization (int8: per-output-channel scales)")
+    g.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization (int8: per-output-channel scales; int4: groups of 32 with scale and zero point, as Q4_1)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (default: 256)")
@@ -45,9 +45,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="turn off reuse of cached prompt prefixes")
     g.add_argument("--attention-backend", choices=["torch", "triton"], default=None,
                    help="kernels: triton on CUDA, torch on CPU by default ($LAMINA_ATTENTION_BACKEND)")
-    g.add_argument("--compile", dest="enforce_eager", action="store_false",
-                   help="torch.compile the model step (slower start, faster steps)")
-    g.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", help="no torch.compile (default)")
+    g.add_argument("--compile", dest="enforce_eager", action="store_false", default=None,
+                   help="torch.compile the decode step (default on CPU; on CUDA only with this flag)")
+    g.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
+                   help="no torch.compile: faster start, slower small-batch decode ($LAMINA_ENFORCE_EAGER=1)")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     g.add_argument("--log-stats-interval", type=float, default=0.0,

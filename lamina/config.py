@@ -96,7 +96,7 @@ class EngineConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"                       # auto | float32 | bfloat16 | float16
     device: str | None = None                 # None: cuda if available, else cpu
-    quantization: str | None = None           # None | int8 (weight-only, per output channel)
+    quantization: str | None = None           # None | int8 (per output channel) | int4 (groups of 32), weight-only
     max_model_len: int | None = None          # None: the model's max_position_embeddings
     block_size: int = 16
     max_num_seqs: int = 256
@@ -107,7 +107,7 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None  # tests: force a (tiny) cache size
     enable_prefix_caching: bool = True
     attention_backend: str | None = None      # None: $LAMINA_ATTENTION_BACKEND, else triton on cuda / torch on cpu
-    enforce_eager: bool = True                # skip torch.compile / CUDA graphs
+    enforce_eager: bool | None = None         # None: compile the decode step on CPU ($LAMINA_ENFORCE_EAGER=1: don't)
     num_threads: int | None = None            # torch intra-op threads on CPU
     seed: int = 0
     log_stats_interval: float = 0.0           # seconds between periodic stats log lines; 0 = off

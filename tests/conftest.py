@@ -10,6 +10,10 @@ except Exception:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Engines in tests run eager (compiling each tiny test model would cost minutes); the tests of the
+# compiled step ask for it with enforce_eager=False, which overrides this.
+os.environ.setdefault("LAMINA_ENFORCE_EAGER", "1")
+
 
 # --- the default model (lamina.registry) -------------------------------------------------------
 import pytest  # noqa: E402

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import numpy as np
 import torch
@@ -14,6 +16,19 @@ from lamina.models.loader import load_model
 log = logging.getLogger("lamina.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30  # 32 conversations of 2k tokens of SmolLM2-135M fit even in float32
+# Decode batches up to this size run the compiled step: there per-op overhead is most of the step.
+# Larger batches amortize it, and eager attention groups them by length (no padding to the longest).
+COMPILED_MAX_BATCH = 15
+
+
+def use_compile(config: EngineConfig, device: torch.device) -> bool:
+    """enforce_eager None: compile on CPU unless $LAMINA_ENFORCE_EAGER is set. On CUDA it stays
+    opt-in (--compile) until the Triton kernels inside a compiled graph are measured on a GPU."""
+    if config.enforce_eager is not None:
+        return not config.enforce_eager
+    if os.environ.get("LAMINA_ENFORCE_EAGER", "") not in ("", "0"):
+        return False
+    return device.type == "cpu"
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -43,11 +58,9 @@ class ModelRunner:
         self.k_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
-        # Decode steps are many tiny kernels: compiling fuses them and removes per-op overhead.
-        # Prefill stays eager (it is matmul-bound). Inductor caches its output on disk across runs.
         self.compiled_forward = None
-        if not config.enforce_eager:
-            self.compiled_forward = torch.compile(self.model.forward)
+        if use_compile(config, self.device):
+            self._compile_decode()
 
     def _kv_cache_dtype(self, name: str) -> torch.dtype:
         """'auto': float32 on CPU, where torch's attention kernels run several times faster in
@@ -120,7 +133,8 @@ class ModelRunner:
             wanted.append(rows + qsl[-1])
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
-        width = max(len(s.block_table) for s in batch.seqs)
+        # at least 2 columns: a compiled step then never sees (and specializes on) a width of 1
+        width = max(2 if self.compiled_forward is not None else 1, *(len(s.block_table) for s in batch.seqs))
         tables = np.zeros((len(batch.seqs), width), dtype=np.int32)
         for i, seq in enumerate(batch.seqs):
             tables[i, :len(seq.block_table)] = seq.block_table
@@ -139,9 +153,41 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        if self.compiled_forward is not None and md.is_decode:
+        if self.compiled_forward is not None and md.is_decode and md.num_seqs <= COMPILED_MAX_BATCH:
+            # Two graphs in all: batch 1, and any batch of 2+ (torch specializes sizes 0 and 1).
+            # The block-table width is dynamic from the start (prepare keeps it >= 2 for that).
+            torch._dynamo.mark_dynamic(md.block_tables, 1)
+            if md.num_seqs > 1:
+                for t in (input_ids, positions, md.seq_lens, md.slot_mapping, md.block_tables, md.logits_indices):
+                    torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.mark_dynamic(md.query_start_loc, 0)
             return self.compiled_forward(input_ids, positions, md)
         return self.model(input_ids, positions, md)
+
+    # -- torch.compile -----------------------------------------------------------------------------
+    def _compile_decode(self) -> None:
+        """Compile the decode step now, so no request ever waits for it. Inductor caches what it
+        builds on disk (under torch's cache dir), so later starts skip most of this."""
+        # The modules never change after loading, so their ~1.8k guards (0.9 ms of an 8 ms step
+        # on 2 cores) are dropped; the guards on the step's own inputs remain.
+        self.compiled_forward = torch.compile(
+            self.model.forward, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        start = time.perf_counter()
+        for batch in (1, 2):
+            # dummy tokens at slots 0..batch-1 of block 0: anything stored there is overwritten
+            # before it is read, since attention only reads positions a sequence has written
+            dev = self.device
+            md = AttentionMetadata(
+                query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=dev),
+                seq_lens=torch.ones(batch, dtype=torch.int32, device=dev),
+                block_tables=torch.zeros(batch, 2, dtype=torch.int32, device=dev),
+                slot_mapping=torch.arange(batch, dtype=torch.int64, device=dev),
+                max_query_len=1, max_seq_len=1,
+                logits_indices=torch.arange(batch, dtype=torch.int64, device=dev))
+            self.forward(torch.zeros(batch, dtype=torch.long, device=dev),
+                         torch.zeros(batch, dtype=torch.long, device=dev), md)
+        log.info("compiled the decode step (batches 1 and 2..%d) in %.1f s; --enforce-eager skips this",
+                 COMPILED_MAX_BATCH, time.perf_counter() - start)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -65,7 +65,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _decode_attention(q, k_cache, v_cache, md: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
     """One new token per sequence. Gathering pads every sequence to the longest, so a large
     batch of mixed lengths is split into groups of similar length first (eager mode only)."""
-    if md.num_seqs >= 16 and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and md.num_seqs >= 16:
         lens = md.seq_lens.tolist()
         order = sorted(range(len(lens)), key=lens.__getitem__)
         groups, start = [], 0

@@ -1,0 +1,86 @@
+"""Weight-only int8/int4 linears: what they compute equals a matmul with their dequantized weights."""
+import pytest
+import torch
+from torch import nn
+
+from lamina.models.quant import INT4_GROUP_SIZE, Int4Linear, Int8Linear, quantize_int4, quantize_model
+
+
+def _linear(n, k, dtype, bias=False, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    return lin.to(dtype)
+
+
+def test_int4_codes_and_error_bound():
+    torch.manual_seed(0)
+    w = torch.randn(64, 4 * INT4_GROUP_SIZE)
+    codes, scale, lo = quantize_int4(w, INT4_GROUP_SIZE)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    groups = codes.view(64, 4, INT4_GROUP_SIZE).float()
+    deq = groups * scale[..., None] + lo[..., None]
+    err = (deq - w.view(64, 4, INT4_GROUP_SIZE)).abs()
+    assert bool((err <= scale[..., None] / 2 + 1e-6).all())
+    # every group spans its whole grid: min -> 0, max -> 15
+    assert bool((groups.amin(-1) == 0).all()) and bool((groups.amax(-1) == 15).all())
+
+
+def test_int4_recovers_a_q4_1_grid_exactly():
+    """Weights that already sit on a Q4_1 grid (codes * d + m, min and max code used, as llama.cpp
+    quantizes) come back with the same codes: the default model loses nothing more."""
+    torch.manual_seed(1)
+    n, groups = 32, 6
+    codes = torch.randint(0, 16, (n, groups, INT4_GROUP_SIZE))
+    codes[..., 0], codes[..., 1] = 0, 15
+    d = torch.rand(n, groups, 1) * 0.01 + 1e-3
+    m = torch.randn(n, groups, 1) * 0.05
+    w = (codes * d + m).view(n, -1)
+    got, scale, lo = quantize_int4(w, INT4_GROUP_SIZE)
+    assert torch.equal(got.view_as(codes), codes.to(torch.uint8))
+    torch.testing.assert_close(scale, d[..., 0], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # bf16 on CPU: torch's packed kernel
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_int4_linear_equals_dequantized_matmul(dtype, m):
+    lin = _linear(96, 3 * INT4_GROUP_SIZE, dtype, bias=True)
+    q = Int4Linear(lin)
+    assert q.use_packed == (dtype == torch.bfloat16)
+    codes, scale, lo = quantize_int4(lin.weight.detach(), INT4_GROUP_SIZE)
+    deq = (codes.view(96, 3, -1).float() * scale[..., None] + lo[..., None]).view(96, -1)
+    x = torch.randn(2, m, lin.in_features).to(dtype)
+    ref = x.float() @ deq.T + lin.bias.float()
+    got = q(x)
+    assert got.shape == (2, m, 96) and got.dtype == dtype
+    tol = 0.03 * ref.abs().max().item() if dtype == torch.bfloat16 else 1e-4
+    assert (got.float() - ref).abs().max().item() <= tol
+    # and the quantized weights are close to the originals: about 1/30 of each group's range
+    assert (deq - lin.weight.float()).abs().max().item() <= 0.6 * scale.max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_linear_equals_dequantized_matmul(dtype):
+    lin = _linear(80, 48, dtype)
+    q = Int8Linear(lin)
+    deq = q.weight.float() * q.scale.float()[:, None]
+    x = torch.randn(5, 48).to(dtype)
+    ref = x.float() @ deq.T
+    tol = 0.03 * ref.abs().max().item() if dtype == torch.bfloat16 else 1e-4
+    assert (q(x).float() - ref).abs().max().item() <= tol
+    # half a step, plus up to 127 times the rounding of a bf16 scale (2^-9 of it): under one step
+    step = 0.51 if dtype == torch.float32 else 1.0
+    assert (deq - lin.weight.float()).abs().max().item() <= step * q.scale.float().max().item()
+
+
+def test_quantize_model_replaces_linears_and_skips_odd_widths():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8), nn.Linear(8, 4)).to(torch.bfloat16)
+    quantize_model(model, "int4")
+    assert isinstance(model[0], Int4Linear) and isinstance(model[2], Int4Linear)
+    assert model[0].use_packed and not model[2].use_packed  # 8 outputs: too few for the packed kernel
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert model(x).shape == (3, 4)
+    assert isinstance(model[3], nn.Linear)  # 8 input features: no whole group of 32, kept as is
+    quantize_model(model, "int8")  # what is left is quantized to int8
+    assert isinstance(model[3], Int8Linear)
+    with pytest.raises(ValueError, match="int4"):
+        quantize_model(model, "fp4")
