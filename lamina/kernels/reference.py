@@ -44,21 +44,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         start, end = starts[i], starts[i + 1]
         if end == start:
             continue
-        k = _gather_context(k_cache, md.block_tables[i], seq_len).transpose(0, 1)  # [Hkv, L, D]
-        v = _gather_context(v_cache, md.block_tables[i], seq_len).transpose(0, 1)
-        qi = q[start:end].transpose(0, 1)                                       # [Hq, Lq, D]
+        # 4-D [1, H, L, D]: torch's fused (flash) CPU attention takes nothing else; 3-D inputs
+        # fall back to the unfused math path, half of a 512-token prefill's time
+        k = _gather_context(k_cache, md.block_tables[i], seq_len).transpose(0, 1)[None]  # [1, Hkv, L, D]
+        v = _gather_context(v_cache, md.block_tables[i], seq_len).transpose(0, 1)[None]
+        qi = q[start:end].transpose(0, 1)[None]                                       # [1, Hq, Lq, D]
         num_new = end - start
         if num_new == seq_len:
             if gqa:  # torch's fused CPU attention takes no GQA with is_causal; repeating K/V is cheaper
-                k = k.repeat_interleave(num_heads // num_kv_heads, dim=0)
-                v = v.repeat_interleave(num_heads // num_kv_heads, dim=0)
+                k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
+                v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale)
         else:
             # new token j sits at absolute position seq_len - num_new + j and sees keys up to it
             q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = o[0].transpose(0, 1)
     return out.to(out_dtype)
 
 
