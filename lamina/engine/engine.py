@@ -215,12 +215,10 @@ class LLMEngine:
             return
         params = [s.params for s in sample_seqs]
         banned = [self._banned(s) for s in sample_seqs]
-        # token histories only feed the penalties: skip copying them on every step when none is set
-        penalized = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params)
-        prompts = [s.token_ids[:s.num_prompt_tokens] if penalized else [] for s in sample_seqs]
-        outputs_so_far = [s.output_token_ids if penalized else [] for s in sample_seqs]
-        sb = sampler.SamplingBatch.build(params, prompts, outputs_so_far, banned, [s.generator for s in sample_seqs])
-        token_ids, logprobs = sampler.sample(logits[np.asarray(sample_rows)], sb)
+        if sampler.is_plain_greedy(params, banned):
+            token_ids, logprobs = logits[np.asarray(sample_rows)].argmax(dim=-1).tolist(), [None] * len(params)
+        else:
+            token_ids, logprobs = self._sample(sample_seqs, params, banned, logits[np.asarray(sample_rows)])
         prof.mark("sample")
         touched: dict[str, Request] = {}
         for seq, tok, lp in zip(sample_seqs, token_ids, logprobs):
@@ -229,6 +227,14 @@ class LLMEngine:
         for req in touched.values():
             outputs.append(self._make_output(req))
         prof.mark("detokenize")
+
+    def _sample(self, sample_seqs, params, banned, logits):
+        # token histories only feed the penalties: skip copying them on every step when none is set
+        penalized = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params)
+        prompts = [s.token_ids[:s.num_prompt_tokens] if penalized else [] for s in sample_seqs]
+        outputs_so_far = [s.output_token_ids if penalized else [] for s in sample_seqs]
+        sb = sampler.SamplingBatch.build(params, prompts, outputs_so_far, banned, [s.generator for s in sample_seqs])
+        return sampler.sample(logits, sb)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits, n: int) -> None:
         start = seq.num_computed_tokens

@@ -112,6 +112,12 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Ten
     return logits
 
 
+def is_plain_greedy(params: list[SamplingParams], banned: list[list[int]]) -> bool:
+    """True when every row just takes the argmax: nothing to build per row, one op per step."""
+    return all(p.temperature == 0 and not p.logit_bias and p.logprobs is None and not p.presence_penalty
+               and not p.frequency_penalty and p.repetition_penalty == 1 for p in params) and not any(banned)
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] float32 -> (token ids, logprob records for rows that asked for them)."""
     raw = logits

@@ -118,3 +118,19 @@ def test_logprobs_are_log_softmax_of_raw_logits():
     assert abs(lps[0].logprob - ref[tokens[0]].item()) < 1e-5
     assert [t for t, _ in lps[0].top] == ref.topk(3).indices.tolist()
     assert lps[1] is None
+
+
+def test_plain_greedy_fast_path_is_taken_only_when_nothing_else_applies():
+    """The engine skips building a SamplingBatch when every row is a bare argmax; any setting
+    that changes the result or asks for more must take the full sampler."""
+    d = lambda **kw: SamplingParams(**kw).with_defaults({})  # as the engine holds them
+    plain = d(temperature=0, top_k=5, top_p=0.5)  # filters do not change an argmax
+    assert sampler.is_plain_greedy([plain, d(temperature=0)], [[], []])
+    for other in (d(temperature=0.7), d(temperature=0, logprobs=0), d(temperature=0, logit_bias={3: 5.0}),
+                  d(temperature=0, presence_penalty=0.5), d(temperature=0, frequency_penalty=0.5),
+                  d(temperature=0, repetition_penalty=1.2)):
+        assert not sampler.is_plain_greedy([plain, other], [[], []]), other
+    assert not sampler.is_plain_greedy([plain], [[2]])  # a banned EOS (min_tokens) must be applied
+    logits = torch.randn(4, 50)
+    full, _ = sampler.sample(logits, make_batch([plain] * 4, [[]] * 4, [[]] * 4))
+    assert full == logits.argmax(dim=-1).tolist()
