@@ -35,3 +35,20 @@ def test_compiled_decode_matches_eager(tiny_model_dir):
     for a, b in zip(eager, compiled):
         assert_greedy_agree(a, b)
     assert_greedy_agree(eager[0], single[0])
+
+
+@pytest.mark.slow
+def test_two_compiled_engines_in_one_process_keep_their_own_graphs(tiny_model_dir, tmp_path):
+    """Module guards are dropped for speed, so each engine must compile its own graphs: a second
+    model of another shape (3 layers, other weights) must not run the first one's graph."""
+    from tests.utils import save_tiny_hf_model
+    other_dir = tmp_path / "other"
+    save_tiny_hf_model(other_dir, num_hidden_layers=3, max_position_embeddings=512, seed=5)
+    prompts = random_prompts(3, seed=2)
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=2, ignore_eos=True)
+    first = make_engine(tiny_model_dir, enforce_eager=False)
+    second = make_engine(str(other_dir), enforce_eager=False)
+    for model_dir, engine in ((tiny_model_dir, first), (str(other_dir), second)):
+        eager = run(make_engine(model_dir, enforce_eager=True), prompts, params)
+        for a, b in zip(eager, run(engine, prompts, params)):
+            assert_greedy_agree(a, b)

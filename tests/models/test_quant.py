@@ -84,3 +84,32 @@ def test_quantize_model_replaces_linears_and_skips_odd_widths():
     assert isinstance(model[3], Int8Linear)
     with pytest.raises(ValueError, match="int4"):
         quantize_model(model, "fp4")
+
+
+def _reference_int4(lin):
+    codes, scale, lo = quantize_int4(lin.weight.detach(), INT4_GROUP_SIZE)
+    n = lin.out_features
+    return (codes.view(n, -1, INT4_GROUP_SIZE).float() * scale[..., None] + lo[..., None]).view(n, -1)
+
+
+@pytest.mark.parametrize("rows", [8, 300])  # 300: past INT4_DEQUANT_MIN_ROWS, the dequantize + matmul path
+def test_int4_packed_layout_dequantizes_and_many_rows_match(rows):
+    lin = _linear(192, 4 * INT4_GROUP_SIZE, torch.bfloat16, seed=3)
+    q = Int4Linear(lin)
+    assert q.use_packed
+    ref_w = _reference_int4(lin)
+    # reading torch's packed layout back gives the same weights (up to the bf16 scale and zero)
+    assert (q.dequantize(torch.float32) - ref_w).abs().max().item() <= 0.02 * ref_w.abs().max().item()
+    x = torch.randn(rows, lin.in_features).to(torch.bfloat16)
+    ref = x.float() @ ref_w.T + lin.bias.float() if lin.bias is not None else x.float() @ ref_w.T
+    assert (q(x).float() - ref).abs().max().item() <= 0.03 * ref.abs().max().item()
+
+
+def test_int8_many_rows_take_the_dequantized_matmul_and_agree():
+    lin = _linear(64, 96, torch.bfloat16, seed=4)
+    q = Int8Linear(lin)
+    x = torch.randn(200, 96).to(torch.bfloat16)
+    few, many = q(x[:8]).float(), q(x).float()  # packed kernel vs dequantize + matmul
+    ref = x.float() @ (q.weight.float() * q.scale.float()[:, None]).T
+    tol = 0.03 * ref.abs().max().item()
+    assert (many - ref).abs().max().item() <= tol and (few - ref[:8]).abs().max().item() <= tol
