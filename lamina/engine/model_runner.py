@@ -179,6 +179,8 @@ class ModelRunner:
         self.compiled_forward = torch.compile(
             types.MethodType(own, self.model),
             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        log.info("compiling the decode step with torch.compile (minutes the first time, cached after; "
+                 "--enforce-eager skips it)")
         start = time.perf_counter()
         for batch in (1, 2):
             # dummy tokens at slots 0..batch-1 of block 0: anything stored there is overwritten
