@@ -12,14 +12,16 @@ import torch
 from lamina.config import EngineConfig
 from lamina.engine.scheduler import ScheduledBatch
 from lamina.kernels import AttentionMetadata
+from lamina.kernels.reference import GROUP_BY_LENGTH_MIN_BATCH
 from lamina.models.loader import load_model
 
 log = logging.getLogger("lamina.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30  # 32 conversations of 2k tokens of SmolLM2-135M fit even in float32
 # Decode batches up to this size run the compiled step: there per-op overhead is most of the step.
-# Larger batches amortize it, and eager attention groups them by length (no padding to the longest).
-COMPILED_MAX_BATCH = 15
+# Larger batches amortize it, and the eager CPU attention groups them by length (no padding to the
+# longest), which a compiled graph cannot.
+COMPILED_MAX_BATCH = GROUP_BY_LENGTH_MIN_BATCH - 1
 
 
 def use_compile(config: EngineConfig, device: torch.device) -> bool:
@@ -195,8 +197,8 @@ class ModelRunner:
                 logits_indices=torch.arange(batch, dtype=torch.int64, device=dev))
             self.forward(torch.zeros(batch, dtype=torch.long, device=dev),
                          torch.zeros(batch, dtype=torch.long, device=dev), md)
-        log.info("compiled the decode step (batches 1 and 2..%d) in %.1f s; --enforce-eager skips this",
-                 COMPILED_MAX_BATCH, time.perf_counter() - start)
+        log.info("compiled the decode step (batches 1 and 2..%d) in %.1f s", COMPILED_MAX_BATCH,
+                 time.perf_counter() - start)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -57,10 +57,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         qi = q[start:end].transpose(0, 1)[None]                                       # [1, Hq, Lq, D]
         num_new = end - start
         if num_new == seq_len:
-            if gqa:  # torch's fused CPU attention takes no GQA with is_causal; repeating K/V is cheaper
-                k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-                v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             # new token j sits at absolute position seq_len - num_new + j and sees keys up to it
             q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
@@ -70,10 +67,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.to(out_dtype)
 
 
+# decode batches from this size are split into groups of similar length (see _decode_attention)
+GROUP_BY_LENGTH_MIN_BATCH = 16
+
+
 def _decode_attention(q, k_cache, v_cache, md: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
     """One new token per sequence. Gathering pads every sequence to the longest, so a large
     batch of mixed lengths is split into groups of similar length first (eager mode only)."""
-    if not torch.compiler.is_compiling() and md.num_seqs >= 16:
+    if not torch.compiler.is_compiling() and md.num_seqs >= GROUP_BY_LENGTH_MIN_BATCH:
         lens = md.seq_lens.tolist()
         order = sorted(range(len(lens)), key=lens.__getitem__)
         groups, start = [], 0
