@@ -449,20 +449,23 @@ def markdown(res: dict) -> str:
         lines += [f"## Serving sweep (bench/serve.py, /v1/completions streaming, ~{s['prompt_words']}-word prompts, "
                   f"{s['max_tokens']} tokens each, EOS ignored)", "",
                   "| system | concurrency | ok/requests | output tok/s | TTFT p50 / p95 / p99 (ms) | "
-                  "ITL p50 / p95 / p99 (ms) | prompt tokens |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "ITL p50 / p95 / p99 (ms) | GET /health p50 / max (ms) | prompt tokens |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         by_level: dict = {}
         for name, r in s["systems"].items():
             if "levels" not in r:
-                lines.append(f"| {name} | {r.get('skipped') or r.get('error')} | | | | | |")
+                lines.append(f"| {name} | {r.get('skipped') or r.get('error')} | | | | | | |")
                 continue
             for lv in r["levels"]:
                 t, i = lv["ttft_s"], lv["itl_s"]
+                h = lv.get("health_s") or {}
 
                 def ms(x):
                     return fmt(x * 1000 if x is not None else None)
                 lines.append(f"| {name}{busy(r)} | {lv['concurrency']} | {lv['completed']}/{lv['requests']} | "
                              f"{fmt(lv['output_tokens_per_s'])} | {ms(t['p50'])} / {ms(t['p95'])} / {ms(t['p99'])} | "
-                             f"{ms(i['p50'])} / {ms(i['p95'])} / {ms(i['p99'])} | {fmt(lv.get('mean_prompt_tokens'))} |")
+                             f"{ms(i['p50'])} / {ms(i['p95'])} / {ms(i['p99'])} | {ms(h.get('p50'))} / {ms(h.get('max'))} | "
+                             f"{fmt(lv.get('mean_prompt_tokens'))} |")
                 by_level.setdefault(lv["concurrency"], {})[name] = lv
         rows = []
         for c, lv in sorted(by_level.items()):

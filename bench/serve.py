@@ -166,14 +166,14 @@ def make_payload(args, rng: random.Random) -> dict:
 
 def percentiles(values: list[float]) -> dict:
     if not values:
-        return {"mean": None, "p50": None, "p95": None, "p99": None}
+        return {"mean": None, "p50": None, "p95": None, "p99": None, "max": None}
     xs = sorted(values)
 
     def pct(p):  # linear interpolation between closest ranks
         k = (len(xs) - 1) * p / 100
         lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
         return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-    return {"mean": statistics.fmean(xs), "p50": pct(50), "p95": pct(95), "p99": pct(99)}
+    return {"mean": statistics.fmean(xs), "p50": pct(50), "p95": pct(95), "p99": pct(99), "max": xs[-1]}
 
 
 async def run_level(args, url: str, concurrency: int, num_requests: int, rng: random.Random) -> dict:
@@ -185,9 +185,11 @@ async def run_level(args, url: str, concurrency: int, num_requests: int, rng: ra
         while queue:
             results.append(await stream_request(url, queue.pop(), args.api_key, args.timeout))
 
+    health = HealthProbe(args.health_url) if args.health_url else None
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    health_latencies = await health.stop() if health else []
     ok = [r for r in results if r.ok]
     errors = [r.error for r in results if not r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -201,7 +203,39 @@ async def run_level(args, url: str, concurrency: int, num_requests: int, rng: ra
         "ttft_s": percentiles([r.ttft for r in ok if r.ttft is not None]),
         "itl_s": percentiles([x for r in ok for x in r.itls]),
         "e2e_latency_s": percentiles([r.latency for r in ok]),
+        # how long GET /health took while the level ran: is the server's HTTP loop responsive?
+        "health_s": percentiles(health_latencies),
     }
+
+
+class HealthProbe:
+    """GET /health every `interval` seconds on a fresh connection, recording each round trip."""
+
+    def __init__(self, url: str, interval: float = 0.25):
+        self.url, self.interval, self.latencies = urlsplit(url), interval, []
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self):
+        u = self.url
+        while True:
+            t0 = time.perf_counter()
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(u.hostname, u.port or 80), 30)
+                writer.write(f"GET {u.path} HTTP/1.0\r\nHost: {u.netloc}\r\n\r\n".encode())
+                await asyncio.wait_for(reader.read(), 30)
+                writer.close()
+                self.latencies.append(time.perf_counter() - t0)
+            except (asyncio.TimeoutError, OSError):
+                pass
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> list[float]:
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+        return self.latencies
 
 
 def _ms(v):
@@ -212,7 +246,8 @@ def print_level(lv: dict) -> None:
     t, i = lv["ttft_s"], lv["itl_s"]
     print(f"c={lv['concurrency']:<3} ok {lv['completed']:>4}/{lv['requests']:<4} err {lv['errors']:<3} "
           f"out {lv['output_tokens_per_s']:8.1f} tok/s | TTFT ms p50 {_ms(t['p50'])} p95 {_ms(t['p95'])} "
-          f"p99 {_ms(t['p99'])} | ITL ms p50 {_ms(i['p50'])} p95 {_ms(i['p95'])} p99 {_ms(i['p99'])}", flush=True)
+          f"p99 {_ms(t['p99'])} | ITL ms p50 {_ms(i['p50'])} p95 {_ms(i['p95'])} p99 {_ms(i['p99'])}"
+          f" | /health ms p50 {_ms(lv['health_s']['p50'])} max {_ms(lv['health_s']['max'])}", flush=True)
     for e in lv["error_samples"]:
         print(f"      error: {e}", flush=True)
 
@@ -239,6 +274,8 @@ async def main_async(args) -> dict:
         if args.model is None:
             sys.exit("could not read GET /models; pass --model")
     url = f"{base}/{'chat/completions' if args.endpoint == 'chat' else 'completions'}"
+    if args.health_url is None:  # both lamina and llama-server answer GET /health at the root
+        args.health_url = (base[:-3] if base.endswith("/v1") else base) + "/health"
     rng = random.Random(args.seed)
     print(f"benchmarking {url} model={args.model} max_tokens={args.max_tokens} prompt~{args.prompt_words} words",
           flush=True)
@@ -275,6 +312,9 @@ def parse_args(argv=None):
                    help="let requests end at EOS (default: send ignore_eos so every output has max_tokens)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--health-url", default=None,
+                   help="polled every 0.25 s during each level to time the server's responsiveness "
+                        "(default: <base-url without /v1>/health)")
     p.add_argument("--out", default="bench/serve-results.json", help="JSON results file")
     return p.parse_args(argv)
 
