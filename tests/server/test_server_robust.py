@@ -347,3 +347,4 @@ def test_bench_serve_smoke(server, tmp_path):
         assert lv["completed"] == 2 and lv["errors"] == 0 and lv["output_tokens"] == 8
         assert lv["ttft_s"]["p50"] > 0 and lv["itl_s"]["p99"] >= lv["itl_s"]["p50"] > 0
         assert lv["output_tokens_per_s"] > 0
+        assert lv["health_s"]["max"] >= lv["health_s"]["p50"] > 0  # /health answered while it ran
