@@ -360,6 +360,22 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
+def ttft_ms(r: dict) -> str:
+    return fmt(r["ttft_s"] * 1000 if r.get("ttft_s") else None)
+
+
+def system_rows(results: dict, cells) -> list[str]:
+    """One table row per system: `cells(result)` gives its columns after the name; a skipped or
+    failed system gets its reason in the first column and blanks after."""
+    rows = []
+    for name, r in results.items():
+        if "skipped" in r or "error" in r:
+            rows.append(f"| {name} | {r.get('skipped') or r.get('error')} |" + " |" * (len(cells({})) - 1))
+        else:
+            rows.append(f"| {name}{busy(r)} | " + " | ".join(cells(r)) + " |")
+    return rows
+
+
 def markdown(res: dict) -> str:
     m, meta = res.get("machine", {}), res["meta"]
     lines = [f"# lamina bench — {meta['started']}", "",
@@ -404,14 +420,9 @@ def markdown(res: dict) -> str:
                   f"median of {cfg['runs']})", "",
                   "| system | TTFT (ms) | decode tok/s | weights read / token (MB) | achieved GB/s | % of bandwidth "
                   "| roofline tok/s |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, r in d.items():
-            if "skipped" in r or "error" in r:
-                lines.append(f"| {name} | {r.get('skipped') or r.get('error')} | | | | | |")
-                continue
-            ttft = r.get("ttft_s")
-            lines.append(f"| {name}{busy(r)} | {fmt(ttft * 1000 if ttft else None)} | {fmt(r.get('decode_tps'))} | "
-                         f"{fmt((r.get('weight_bytes') or 0) / 1e6)} | {fmt(r.get('achieved_gbps'), 2)} | "
-                         f"{fmt(r.get('pct_of_bandwidth'))} | {fmt(r.get('roofline_tps'))} |")
+        lines += system_rows(d, lambda r: [ttft_ms(r), fmt(r.get("decode_tps")), fmt((r.get("weight_bytes") or 0) / 1e6),
+                                           fmt(r.get("achieved_gbps"), 2), fmt(r.get("pct_of_bandwidth")),
+                                           fmt(r.get("roofline_tps"))])
         ref = next((n for n in ("hf-fp32", "hf-bf16") if (d.get(n, {}).get("runs") or [{}])[0].get("first_tokens")),
                    None)
         agree = []
@@ -431,13 +442,8 @@ def markdown(res: dict) -> str:
         cfg = res["config"]["prefill"]
         lines += [f"## Prefill ({cfg['prompt_len']}-token prompt, 1 new token, median of {cfg['runs']})", "",
                   "| system | TTFT (ms) | prefill tok/s | GFLOP/s | % of matmul peak |", "|---|---:|---:|---:|---:|"]
-        for name, r in p.items():
-            if "skipped" in r or "error" in r:
-                lines.append(f"| {name} | {r.get('skipped') or r.get('error')} | | | |")
-                continue
-            ttft = r.get("ttft_s")
-            lines.append(f"| {name}{busy(r)} | {fmt(ttft * 1000 if ttft else None)} | {fmt(r.get('prefill_tps'))} | "
-                         f"{fmt(r.get('gflops'))} | {fmt(r.get('pct_of_matmul_peak'))} |")
+        lines += system_rows(p, lambda r: [ttft_ms(r), fmt(r.get("prefill_tps")), fmt(r.get("gflops")),
+                                           fmt(r.get("pct_of_matmul_peak"))])
         if ratio_cols("prefill", "prefill_tps"):
             lines += ["", "Prefill tok/s ratios: " + "; ".join(ratio_cols("prefill", "prefill_tps"))]
         lines.append("")
