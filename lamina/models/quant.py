@@ -1,15 +1,17 @@
-"""Weight-only quantization: activations stay in the model dtype, matmuls read small weights.
+"""Linear layers for decode: weight-only quantization, and lamina's CPU GEMV kernels.
 
 Decoding a small model is bound by how many weight bytes each token reads.
 - int8: one scale per output channel (half of bf16's bytes).
-- int4: asymmetric, one scale and zero point per group of 32 input channels (a quarter of bf16's
-  bytes). This is the grid of llama.cpp's Q4_1, so the default model, shipped as Q4_1, is
-  reproduced almost exactly (its blocks' min and max land back on the same grid). The lm_head
-  stays int8.
-On CPU both use torch's packed weight-only kernels for few rows (decode). Those kernels are built
-for GEMV: for many rows (prefill) dequantizing the weight and running a bf16 matmul is 2-3x faster,
-so the layers switch at a row count measured on a 2-core Zen 4. Off CPU the weights are
-dequantized per call.
+- int4: asymmetric, one scale and minimum per group of 32 input channels (a quarter of bf16's
+  bytes, plus the scales). This is the grid of llama.cpp's Q4_1, so the default model, shipped as
+  Q4_1, is reproduced almost exactly (its blocks' min and max land back on the same grid). The
+  lm_head stays int8.
+- bf16 weights on CPU keep their bytes but get a faster GEMV (`use_cpu_gemv`).
+On CPU, few rows (decode) of bf16 and int8 layers go to lamina's C++ GEMVs (lamina/kernels/cpu.py):
+torch's are compute-bound on a 2-core machine. int4 layers use torch's packed int4 kernel, which
+lamina's own int4 kernel did not beat. Many rows (prefill) dequantize the weight and run one bf16
+matmul (torch's GEMM), from row counts measured on a 2-core Zen 4. Without the C++ kernels (no
+compiler, not on CPU) the layers fall back to torch's ops.
 """
 from __future__ import annotations
 
@@ -18,12 +20,20 @@ import logging
 import torch
 from torch import nn
 
+from lamina.kernels import cpu
+
 log = logging.getLogger("lamina.quant")
 
 INT4_GROUP_SIZE = 32
-# rows from which dequantize + bf16 matmul beats torch's packed kernel (512-token prefill: 2-3x)
-INT8_DEQUANT_MIN_ROWS = 128
+# Row counts where the GEMV kernels stop paying: from there dequantize + one bf16 matmul (or
+# torch's bf16 matmul) is faster (2-core Zen 4, a 576 x 3072 layer; bench/kernels.py sweeps them)
+INT8_DEQUANT_MIN_ROWS = 32
 INT4_DEQUANT_MIN_ROWS = 256
+BF16_GEMV_MAX_ROWS = 16
+
+
+def _rows(x: torch.Tensor, in_features: int) -> int:
+    return x.numel() // in_features
 
 
 class Int8Linear(nn.Module):
@@ -32,16 +42,20 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        # float32: what the C++ kernel reads (torch's takes it in x's dtype)
+        self.register_buffer("scale", scale.to(linear.weight.dtype).float())
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # torch's packed int8 CPU kernel reads the int8 weights directly, no dequantized copy
-        self.use_packed = self.weight.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+        self.use_gemv = cpu.usable(self.weight)
+        self.use_torch_gemv = self.weight.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_packed and x.numel() < INT8_DEQUANT_MIN_ROWS * self.in_features:
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale)
-            y = y.reshape(*x.shape[:-1], self.out_features)
+        few_rows = _rows(x, self.in_features) < INT8_DEQUANT_MIN_ROWS
+        flat = x.reshape(-1, self.in_features)
+        if few_rows and self.use_gemv:
+            y = torch.ops.lamina.int8_linear(flat, self.weight, self.scale).reshape(*x.shape[:-1], self.out_features)
+        elif few_rows and self.use_torch_gemv:
+            y = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
         else:
             y = nn.functional.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
         return y if self.bias is None else y + self.bias
@@ -105,6 +119,41 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Bf16Linear(nn.Module):
+    """A bf16 nn.Linear whose decode rows go to the C++ GEMV. It shares the Parameter (a tied
+    lm_head stays tied to the embedding)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _rows(x, self.in_features) <= BF16_GEMV_MAX_ROWS and x.dtype == torch.bfloat16:
+            y = torch.ops.lamina.bf16_linear(x.reshape(-1, self.in_features), self.weight)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def use_cpu_gemv(model: nn.Module) -> bool:
+    """Route a bf16 CPU model's decode matmuls to the C++ GEMV. False (nothing changed) where the
+    kernels are unavailable."""
+    linears = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16]
+    if not linears or not cpu.usable(linears[0][1].weight):
+        return False
+    for name, linear in linears:
+        _replace(model, name, Bf16Linear(linear))
+    return True
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
 METHODS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
@@ -122,6 +171,4 @@ def quantize_model(model: nn.Module, method: str) -> None:
             log.warning("%s: %d input features are not a multiple of %d; left unquantized",
                         name, linear.in_features, INT4_GROUP_SIZE)
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, METHODS[kind](linear))
+        _replace(model, name, METHODS[kind](linear))

@@ -1,0 +1,98 @@
+"""lamina's C++ CPU kernels (cpu_gemv.cpp): GEMVs for decode, with bf16 or int8 weights.
+
+They are built on first use with the system's C++ compiler (the one torch.compile uses on CPU),
+for this machine's CPU (-march=native), and cached under $LAMINA_HOME/kernels/ keyed by the
+source, the flags, torch's version and the CPU. `load()` returns False (and the callers use torch's
+ops) where there is no compiler, the build fails, the tensors are not on the CPU, or
+$LAMINA_CPU_KERNELS=0.
+
+The ops, registered in torch.ops.lamina (x: [M, K] float32 or bfloat16 -> [M, N] in x's dtype):
+    int8_linear(x, weight, scale)           weight [N, K] int8, scale [N] float32
+    bf16_linear(x, weight)                  weight [N, K] bfloat16
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("lamina.kernels")
+
+SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+_lock = threading.Lock()
+_loaded: dict[tuple[str, str], bool] = {}
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compile_command(source: Path, output: Path, namespace: str, march: str) -> list[str]:
+    from torch.utils import cpp_extension
+    compiler = os.environ.get("CXX", "g++")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [compiler, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DLAMINA_NAMESPACE={namespace}",
+            *(f"-I{p}" for p in cpp_extension.include_paths()), str(source), "-o", str(output),
+            *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
+
+
+def build(namespace: str = "lamina", march: str = "native") -> Path:
+    """The shared library for these settings, compiled now unless cached. Raises on failure."""
+    from lamina.registry import lamina_home
+    probe = _compile_command(SOURCE, Path("out.so"), namespace, march)
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *probe, torch.__version__, _cpu_id()]).encode()).hexdigest()[:16]
+    cache = Path(lamina_home()) / "kernels"
+    target = cache / f"cpu_gemv-{namespace}-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    # compiled beside the target and renamed into place, so concurrent builds never see half a file
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        partial = Path(tmp) / target.name
+        done = subprocess.run(_compile_command(SOURCE, partial, namespace, march), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed:\n{done.stderr[-4000:]}")
+        os.replace(partial, target)
+    return target
+
+
+def _register_shapes(namespace: str) -> None:
+    """What torch.compile needs to trace the ops: the output's shape and dtype."""
+    for name in ("int8_linear", "bf16_linear"):
+        torch.library.register_fake(f"{namespace}::{name}")(
+            lambda x, weight, *rest: x.new_empty(x.shape[0], weight.shape[0]))
+
+
+def load(namespace: str = "lamina", march: str = "native") -> bool:
+    """Build (or find) and load the kernels into torch.ops.<namespace>; False if that failed."""
+    if namespace == "lamina" and os.environ.get("LAMINA_CPU_KERNELS", "") == "0":
+        return False
+    with _lock:
+        if (namespace, march) not in _loaded:
+            try:
+                torch.ops.load_library(str(build(namespace, march)))
+                _register_shapes(namespace)
+                _loaded[namespace, march] = True
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                log.warning("lamina's CPU kernels are unavailable, using torch's ops instead: %s", e)
+                _loaded[namespace, march] = False
+        return _loaded[namespace, march]
+
+
+def usable(weight: torch.Tensor) -> bool:
+    """Whether a layer with this weight can call torch.ops.lamina."""
+    return weight.device.type == "cpu" and load()
