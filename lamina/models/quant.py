@@ -26,8 +26,8 @@ log = logging.getLogger("lamina.quant")
 
 INT4_GROUP_SIZE = 32
 # Row counts where the GEMV kernels stop paying: from there dequantize + one bf16 matmul (or
-# torch's bf16 matmul) is faster (2-core Zen 4, a 576 x 3072 layer; bench/kernels.py sweeps them)
-INT8_DEQUANT_MIN_ROWS = 32
+# torch's bf16 matmul) is faster (2-core Zen 4, a 576 x 3072 layer: `python bench/gemv.py`)
+INT8_DEQUANT_MIN_ROWS = 16
 INT4_DEQUANT_MIN_ROWS = 256
 BF16_GEMV_MAX_ROWS = 16
 

@@ -115,3 +115,16 @@ def test_switched_off_by_env(monkeypatch):
     assert not cpu.load()
     lin = nn.Linear(64, 8).to(torch.bfloat16)
     assert not use_cpu_gemv(nn.Sequential(lin)) and not Int8Linear(lin).use_gemv
+
+
+def test_bench_gemv_script_runs():
+    """bench/gemv.py (the sweep behind quant.py's row thresholds) on a tiny case."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "gemv.py"), "--shape", "64x32",
+                          "--rows", "1,3", "--layers", "2", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "->" not in line]
+    assert [r[0] for r in rows] == ["1", "3"] and all(len(r) == 11 for r in rows), out

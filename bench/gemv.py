@@ -1,0 +1,81 @@
+"""CPU GEMV benchmark: lamina's C++ kernels (lamina/kernels/cpu_gemv.cpp) against torch's ops on the
+same weights, for a model's layer shapes, per row count (decode batch size).
+
+Each case runs over `--layers` copies of the weight, so the weights come from memory as they do in a
+real decode step, not from the cache. A/B rounds alternate the ops, and each cell is the median of
+--rounds rounds (these machines are noisy). It prints microseconds per call and achieved GB/s of
+weight reads, and the row count from which torch (or dequantize + bf16 matmul) is faster: the
+thresholds in lamina/models/quant.py.
+
+    python bench/gemv.py                                  # SmolLM2-135M shapes, 2 threads
+    python bench/gemv.py --rows 1,4,16,32 --threads 4 --shape 576x3072
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lamina.kernels import cpu  # noqa: E402
+
+
+def candidates(weight: torch.Tensor) -> dict:
+    """name -> (bytes read per call, op(x)) for one bf16 weight [N, K]."""
+    w = weight.float()
+    scale = w.abs().amax(1).clamp(min=1e-8) / 127
+    w8 = torch.round(w / scale[:, None]).to(torch.int8)
+    scale_bf16 = scale.bfloat16()
+    n, k = weight.shape
+    return {
+        "bf16 lamina": (2 * n * k, lambda x: torch.ops.lamina.bf16_linear(x, weight)),
+        "bf16 torch": (2 * n * k, lambda x: nn.functional.linear(x, weight)),
+        "int8 lamina": (n * k, lambda x: torch.ops.lamina.int8_linear(x, w8, scale)),
+        "int8 torch": (n * k, lambda x: torch._weight_int8pack_mm(x, w8, scale_bf16)),
+        "int8 dequant+bf16": (n * k, lambda x: nn.functional.linear(x, w8.to(x.dtype) * scale_bf16[:, None])),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", help="KxN (input x output features); default: SmolLM2-135M's")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
+    ap.add_argument("--layers", type=int, default=16, help="weight copies per case (defeats the caches)")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if not cpu.load():
+        print("lamina's CPU kernels are unavailable here (no C++ compiler?): nothing to compare")
+        return 0
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shape or ["576x960", "576x576", "576x3072", "1536x576"]]
+    print(f"threads {args.threads}, torch {torch.__version__}, {args.layers} weight copies per case; "
+          f"us per call (GB/s of weights)")
+    for k, n in shapes:
+        copies = [candidates(torch.randn(n, k).bfloat16() * 0.02) for _ in range(args.layers)]
+        names = list(copies[0])
+        print(f"\n{k} -> {n}")
+        print("rows  " + "  ".join(f"{name:>20}" for name in names))
+        for m in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(m, k).bfloat16()
+            times = {name: [] for name in names}
+            for _ in range(args.rounds):
+                for name in names:
+                    start = time.perf_counter()
+                    for c in copies:
+                        c[name][1](x)
+                    times[name].append((time.perf_counter() - start) / len(copies))
+            cells = []
+            for name in names:
+                t = sorted(times[name])[len(times[name]) // 2]
+                cells.append(f"{t * 1e6:.1f} ({copies[0][name][0] / t / 1e9:.1f})")
+            print(f"{m:4d}  " + "  ".join(f"{c:>20}" for c in cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
