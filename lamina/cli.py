@@ -43,8 +43,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn off reuse of cached prompt prefixes")
-    g.add_argument("--attention-backend", choices=["torch", "triton"], default=None,
-                   help="kernels: triton on CUDA, torch on CPU by default ($LAMINA_ATTENTION_BACKEND)")
+    g.add_argument("--attention-backend", choices=["torch", "cpu", "triton"], default=None,
+                   help="kernels: triton on CUDA, cpu (torch + C++ decode attention) on CPU by default ($LAMINA_ATTENTION_BACKEND)")
     g.add_argument("--compile", dest="enforce_eager", action="store_false", default=None,
                    help="torch.compile the decode step (default on CPU; on CUDA only with this flag)")
     g.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,

@@ -106,7 +106,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None  # tests: force a (tiny) cache size
     enable_prefix_caching: bool = True
-    attention_backend: str | None = None      # None: $LAMINA_ATTENTION_BACKEND, else triton on cuda / torch on cpu
+    attention_backend: str | None = None      # None: $LAMINA_ATTENTION_BACKEND, else triton on cuda / cpu (C++) or torch on cpu
     enforce_eager: bool | None = None         # None: compile the decode step on CPU ($LAMINA_ENFORCE_EAGER=1: don't)
     num_threads: int | None = None            # torch intra-op threads on CPU
     seed: int = 0

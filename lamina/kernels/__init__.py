@@ -1,7 +1,8 @@
 """Attention and KV-cache ops behind one interface, with two implementations.
 
-`reference` is plain torch: the CPU path and the oracle of every test. `triton_ops` holds
-lamina's Triton kernels, used on CUDA. Both modules export the same four functions:
+`reference` is plain torch: the oracle of every test, and the CPU path where lamina's C++ kernels
+cannot be built. `cpu` is `reference` with decode attention in C++ (the CPU default). `triton_ops`
+holds lamina's Triton kernels, used on CUDA. All three modules export the same four functions:
 
     store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     paged_attention(q, k_cache, v_cache, attn_metadata, scale) -> out
@@ -9,7 +10,7 @@ lamina's Triton kernels, used on CUDA. Both modules export the same four functio
     rotary_embedding(q, k, positions, cos_sin_cache) -> (q, k)
 
 `get_backend()` picks one: an explicit name, else $LAMINA_ATTENTION_BACKEND, else triton on
-CUDA and torch on CPU.
+CUDA, and on CPU cpu (or torch, where the C++ kernels are unavailable).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "cpu", "triton")
 
 
 @dataclass
@@ -46,12 +47,23 @@ class AttentionMetadata:
 
 
 def get_backend(name: str | None = None, device: torch.device | str = "cpu") -> ModuleType:
-    name = name or os.environ.get("LAMINA_ATTENTION_BACKEND") or (
-        "triton" if torch.device(device).type == "cuda" else "torch")
+    name = name or os.environ.get("LAMINA_ATTENTION_BACKEND") or _default_backend(torch.device(device))
     if name == "torch":
         from lamina.kernels import reference
         return reference
+    if name == "cpu":
+        from lamina.kernels import cpu
+        if not cpu.load():
+            raise RuntimeError("the cpu attention backend needs lamina's C++ kernels, which could not be built here")
+        return cpu
     if name == "triton":
         from lamina.kernels import triton_ops
         return triton_ops
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _default_backend(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton"
+    from lamina.kernels import cpu
+    return "cpu" if cpu.load() else "torch"

@@ -1,4 +1,4 @@
-"""lamina's C++ CPU kernels (cpu_gemv.cpp): GEMVs for decode, with bf16 or int8 weights.
+"""lamina's C++ CPU kernels (cpu_ops.cpp), and the "cpu" attention backend that uses them.
 
 They are built on first use with the system's C++ compiler (the one torch.compile uses on CPU),
 for this machine's CPU (-march=native), and cached under $LAMINA_HOME/kernels/ keyed by the
@@ -6,9 +6,13 @@ source, the flags, torch's version and the CPU. `load()` returns False (and the 
 ops) where there is no compiler, the build fails, the tensors are not on the CPU, or
 $LAMINA_CPU_KERNELS=0.
 
-The ops, registered in torch.ops.lamina (x: [M, K] float32 or bfloat16 -> [M, N] in x's dtype):
-    int8_linear(x, weight, scale)           weight [N, K] int8, scale [N] float32
-    bf16_linear(x, weight)                  weight [N, K] bfloat16
+The ops, registered in torch.ops.lamina:
+    int8_linear(x, weight, scale)           x [M, K] float32/bf16, weight [N, K] int8, scale [N] float32
+    bf16_linear(x, weight)                  x [M, K] float32/bf16, weight [N, K] bfloat16
+    paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+                                            q [B, Hq, D] float32, caches float32 or bfloat16
+As an attention backend (kernels/__init__.py), this module is `reference` with decode attention in
+C++: it reads the paged cache in place, where the torch path gathers a padded copy first.
 """
 from __future__ import annotations
 
@@ -23,9 +27,11 @@ from pathlib import Path
 
 import torch
 
+from lamina.kernels import reference
+
 log = logging.getLogger("lamina.kernels")
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _lock = threading.Lock()
 _loaded: dict[tuple[str, str], bool] = {}
 
@@ -56,7 +62,7 @@ def build(namespace: str = "lamina", march: str = "native") -> Path:
     probe = _compile_command(SOURCE, Path("out.so"), namespace, march)
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *probe, torch.__version__, _cpu_id()]).encode()).hexdigest()[:16]
     cache = Path(lamina_home()) / "kernels"
-    target = cache / f"cpu_gemv-{namespace}-{key}.so"
+    target = cache / f"cpu_ops-{namespace}-{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -75,6 +81,7 @@ def _register_shapes(namespace: str) -> None:
     for name in ("int8_linear", "bf16_linear"):
         torch.library.register_fake(f"{namespace}::{name}")(
             lambda x, weight, *rest: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake(f"{namespace}::paged_decode_attention")(lambda q, *rest: torch.empty_like(q))
 
 
 def load(namespace: str = "lamina", march: str = "native") -> bool:
@@ -96,3 +103,15 @@ def load(namespace: str = "lamina", march: str = "native") -> bool:
 def usable(weight: torch.Tensor) -> bool:
     """Whether a layer with this weight can call torch.ops.lamina."""
     return weight.device.type == "cpu" and load()
+
+
+# -- the "cpu" attention backend ---------------------------------------------------------------------
+from lamina.kernels.reference import rms_norm, rotary_embedding, store_kv_cache  # noqa: E402,F401
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md, scale: float) -> torch.Tensor:
+    """reference.paged_attention, with decode batches in C++."""
+    if not md.is_decode:
+        return reference.paged_attention(q, k_cache, v_cache, md, scale)
+    out = torch.ops.lamina.paged_decode_attention(q.float(), k_cache, v_cache, md.block_tables, md.seq_lens, scale)
+    return out.to(q.dtype)

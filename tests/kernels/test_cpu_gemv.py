@@ -128,3 +128,10 @@ def test_bench_gemv_script_runs():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "->" not in line]
     assert [r[0] for r in rows] == ["1", "3"] and all(len(r) == 11 for r in rows), out
+
+
+def test_no_compiler_means_torch_ops_and_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with caplog.at_level("WARNING", logger="lamina.kernels"):
+        assert not cpu.load(namespace="lamina_no_compiler")
+    assert "unavailable, using torch's ops" in caplog.text
