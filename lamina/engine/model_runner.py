@@ -19,8 +19,9 @@ log = logging.getLogger("lamina.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30  # 32 conversations of 2k tokens of SmolLM2-135M fit even in float32
 # Decode batches up to this size run the compiled step: there per-op overhead is most of the step.
-# Larger batches amortize it, and the eager CPU attention groups them by length (no padding to the
-# longest), which a compiled graph cannot.
+# Larger batches amortize it, and the torch backend's eager attention groups them by length (no
+# padding to the longest), which a compiled graph cannot. (The cpu backend's C++ attention never
+# pads; whether compiling larger batches pays there is not measured yet.)
 COMPILED_MAX_BATCH = GROUP_BY_LENGTH_MIN_BATCH - 1
 
 

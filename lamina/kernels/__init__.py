@@ -1,4 +1,4 @@
-"""Attention and KV-cache ops behind one interface, with two implementations.
+"""Attention and KV-cache ops behind one interface, with three implementations.
 
 `reference` is plain torch: the oracle of every test, and the CPU path where lamina's C++ kernels
 cannot be built. `cpu` is `reference` with decode attention in C++ (the CPU default). `triton_ops`
