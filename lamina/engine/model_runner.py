@@ -68,10 +68,13 @@ class ModelRunner:
             self._compile_decode()
 
     def _kv_cache_dtype(self, name: str) -> torch.dtype:
-        """'auto': float32 on CPU, where torch's attention kernels run several times faster in
-        float32 than in bf16 and the cache is small next to RAM; the model's dtype on GPUs."""
+        """'auto': the model's dtype, except float32 on CPU with the torch backend, whose decode
+        attention runs several times faster on a float32 cache. The cpu backend's C++ decode reads
+        bf16 directly (half the bytes), and K/V come out of bf16 projections, so nothing is lost."""
         if name == "auto":
-            return torch.float32 if self.device.type == "cpu" else self.dtype
+            from lamina.kernels import cpu as cpu_backend
+            cpu_ops = self.model.layers[0].self_attn.ops is cpu_backend
+            return torch.float32 if self.device.type == "cpu" and not cpu_ops else self.dtype
         from lamina.models.loader import DTYPES
         if name not in DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {name!r}; choose auto, float32, bfloat16 or float16")

@@ -21,11 +21,11 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v.to(v_cache.dtype)
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached tokens of one sequence as [length, Hkv, D]."""
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first `length` cached tokens of one sequence as [length, Hkv, D], in `dtype`."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    return _gather_blocks(cache, block_table[:num_blocks]).flatten(0, 1)[:length]
+    return _gather_blocks(cache, block_table[:num_blocks]).flatten(0, 1)[:length].to(dtype)
 
 
 def _gather_blocks(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -37,10 +37,11 @@ def _gather_blocks(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     md: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, Hq, D] attends causally over its own sequence's cached K/V; returns [T, Hq, D].
-    The cache may hold a wider dtype than q (float32 on CPU): the math runs in the cache's dtype."""
+    The math runs in float32 on CPU (torch's CPU attention is several times faster there than in
+    bf16; gathered blocks are converted), else in the cache's dtype."""
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     gqa = num_heads != num_kv_heads
-    out_dtype, q = q.dtype, q.to(k_cache.dtype)
+    out_dtype, q = q.dtype, q.to(torch.float32 if q.device.type == "cpu" else k_cache.dtype)
     if md.is_decode:
         return _decode_attention(q, k_cache, v_cache, md, scale, gqa).to(out_dtype)
     out = torch.empty_like(q)
@@ -52,8 +53,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             continue
         # 4-D [1, H, L, D]: torch's fused (flash) CPU attention takes nothing else; 3-D inputs
         # fall back to the unfused math path, half of a 512-token prefill's time
-        k = _gather_context(k_cache, md.block_tables[i], seq_len).transpose(0, 1)[None]  # [1, Hkv, L, D]
-        v = _gather_context(v_cache, md.block_tables[i], seq_len).transpose(0, 1)[None]
+        k = _gather_context(k_cache, md.block_tables[i], seq_len, q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+        v = _gather_context(v_cache, md.block_tables[i], seq_len, q.dtype).transpose(0, 1)[None]
         qi = q[start:end].transpose(0, 1)[None]                                       # [1, Hq, Lq, D]
         num_new = end - start
         if num_new == seq_len:
@@ -99,8 +100,8 @@ def _padded_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale:
     wide as the longest sequence needs, which keeps every shape here a tensor dimension (so a
     compiled decode step need not recompile per length)."""
     batch = block_tables.shape[0]
-    k = _gather_blocks(k_cache, block_tables).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-    v = _gather_blocks(v_cache, block_tables).flatten(1, 2).transpose(1, 2)
+    k = _gather_blocks(k_cache, block_tables).flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
+    v = _gather_blocks(v_cache, block_tables).flatten(1, 2).transpose(1, 2).to(q.dtype)
     length = k.shape[2]
     mask = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
