@@ -1,11 +1,18 @@
-"""CPU GEMV benchmark: lamina's C++ kernels (lamina/kernels/cpu_gemv.cpp) against torch's ops on the
-same weights, for a model's layer shapes, per row count (decode batch size).
+"""CPU GEMV/GEMM benchmark: lamina's C++ kernels (lamina/kernels/cpu_ops.cpp) against torch's ops on
+the same weights, for a model's layer shapes, per row count (decode batch sizes, up to prefill).
+
+- bf16 lamina: torch.ops.lamina.bf16_packed_linear on the weight packed once by quant.pack_bf16 (what
+  quant.Bf16Linear runs for every row count); bf16 torch: nn.functional.linear on the [N, K] weight.
+- int8 lamina: torch.ops.lamina.int8_linear; int8 torch: torch._weight_int8pack_mm; int8
+  dequant+bf16: dequantize the weight, then torch's bf16 matmul. quant.Int8Linear switches from the
+  first to the last at INT8_DEQUANT_MIN_ROWS (lamina/models/quant.py), read off this table.
 
 Each case runs over `--layers` copies of the weight, so the weights come from memory as they do in a
 real decode step, not from the cache. A/B rounds alternate the ops, and each cell is the median of
---rounds rounds (these machines are noisy). It prints microseconds per call and achieved GB/s of
-weight reads, and the row count from which torch (or dequantize + bf16 matmul) is faster: the
-thresholds in lamina/models/quant.py.
+--rounds rounds (these machines are noisy). Above 64 rows the ops are compute-bound, and a case
+runs over proportionally fewer copies (at least 2), which keeps prefill row counts cheap. Each cell
+is microseconds per call and, in brackets, the GB/s of weight bytes read (compute-bound row counts
+read the weights far below memory bandwidth: there it just restates the time).
 
     python bench/gemv.py                                  # SmolLM2-135M shapes, 2 threads
     python bench/gemv.py --rows 1,4,16,32 --threads 4 --shape 576x3072
@@ -22,6 +29,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lamina.kernels import cpu  # noqa: E402
+from lamina.models.quant import pack_bf16  # noqa: E402
+
+# Above this many rows the ops are compute-bound, and each row count runs over proportionally fewer
+# weight copies (at least 2), so prefill row counts take about as long as this one
+FULL_COPIES_MAX_ROWS = 64
 
 
 def candidates(weight: torch.Tensor) -> dict:
@@ -30,9 +42,10 @@ def candidates(weight: torch.Tensor) -> dict:
     scale = w.abs().amax(1).clamp(min=1e-8) / 127
     w8 = torch.round(w / scale[:, None]).to(torch.int8)
     scale_bf16 = scale.bfloat16()
+    packed = pack_bf16(weight)
     n, k = weight.shape
     return {
-        "bf16 lamina": (2 * n * k, lambda x: torch.ops.lamina.bf16_linear(x, weight)),
+        "bf16 lamina": (2 * n * k, lambda x: torch.ops.lamina.bf16_packed_linear(x, packed)),
         "bf16 torch": (2 * n * k, lambda x: nn.functional.linear(x, weight)),
         "int8 lamina": (n * k, lambda x: torch.ops.lamina.int8_linear(x, w8, scale)),
         "int8 torch": (n * k, lambda x: torch._weight_int8pack_mm(x, w8, scale_bf16)),
@@ -43,7 +56,7 @@ def candidates(weight: torch.Tensor) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", action="append", help="KxN (input x output features); default: SmolLM2-135M's")
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,256,512")
     ap.add_argument("--layers", type=int, default=16, help="weight copies per case (defeats the caches)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
@@ -53,8 +66,11 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shape or ["576x960", "576x576", "576x3072", "1536x576"]]
-    print(f"threads {args.threads}, torch {torch.__version__}, {args.layers} weight copies per case; "
-          f"us per call (GB/s of weights)")
+    for k, n in shapes:
+        if n % 16 or k % 2:
+            ap.error(f"--shape {k}x{n}: the packed bf16 kernel takes N a multiple of 16 and K even")
+    print(f"threads {args.threads}, torch {torch.__version__}, {args.layers} weight copies per case "
+          f"(fewer above {FULL_COPIES_MAX_ROWS} rows); us per call (GB/s of weights)")
     for k, n in shapes:
         copies = [candidates(torch.randn(n, k).bfloat16() * 0.02) for _ in range(args.layers)]
         names = list(copies[0])
@@ -62,13 +78,15 @@ def main(argv=None) -> int:
         print("rows  " + "  ".join(f"{name:>20}" for name in names))
         for m in (int(r) for r in args.rows.split(",")):
             x = torch.randn(m, k).bfloat16()
+            # compute-bound from here on: fewer copies keep the work per cell about constant
+            used = copies[:max(2, len(copies) * FULL_COPIES_MAX_ROWS // m)] if m > FULL_COPIES_MAX_ROWS else copies
             times = {name: [] for name in names}
             for _ in range(args.rounds):
                 for name in names:
                     start = time.perf_counter()
-                    for c in copies:
+                    for c in used:
                         c[name][1](x)
-                    times[name].append((time.perf_counter() - start) / len(copies))
+                    times[name].append((time.perf_counter() - start) / len(used))
             cells = []
             for name in names:
                 t = sorted(times[name])[len(times[name]) // 2]

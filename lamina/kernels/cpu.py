@@ -8,9 +8,11 @@ $LAMINA_CPU_KERNELS=0.
 
 The ops, registered in torch.ops.lamina:
     int8_linear(x, weight, scale)           x [M, K] float32/bf16, weight [N, K] int8, scale [N] float32
-    bf16_linear(x, weight)                  x [M, K] float32/bf16, weight [N, K] bfloat16
+    bf16_packed_linear(x, packed)           x [M, K] bf16, packed [N/16, K/2, 16, 2] bf16 (quant.pack_bf16)
     paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
                                             q [B, Hq, D] float32, caches float32 or bfloat16
+    paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+                                            q [T, Hq, D] bf16, caches bf16, D 64 or 128 (causal)
 As an attention backend (kernels/__init__.py), this module is `reference` with decode attention in
 C++: it reads the paged cache in place, where the torch path gathers a padded copy first.
 """
@@ -78,10 +80,13 @@ def build(namespace: str = "lamina", march: str = "native") -> Path:
 
 def _register_shapes(namespace: str) -> None:
     """What torch.compile needs to trace the ops: the output's shape and dtype."""
-    for name in ("int8_linear", "bf16_linear"):
+    for name in ("int8_linear",):
         torch.library.register_fake(f"{namespace}::{name}")(
             lambda x, weight, *rest: x.new_empty(x.shape[0], weight.shape[0]))
-    torch.library.register_fake(f"{namespace}::paged_decode_attention")(lambda q, *rest: torch.empty_like(q))
+    torch.library.register_fake(f"{namespace}::bf16_packed_linear")(
+        lambda x, packed: x.new_empty(x.shape[0], packed.shape[0] * 16))
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        torch.library.register_fake(f"{namespace}::{name}")(lambda q, *rest: torch.empty_like(q))
 
 
 def load(namespace: str = "lamina", march: str = "native") -> bool:
@@ -110,8 +115,11 @@ from lamina.kernels.reference import rms_norm, rotary_embedding, store_kv_cache 
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md, scale: float) -> torch.Tensor:
-    """reference.paged_attention, with decode batches in C++."""
+    """reference.paged_attention, in C++: decode batches, and prefill on a bf16 cache."""
     if not md.is_decode:
+        if q.dtype == k_cache.dtype == torch.bfloat16 and q.shape[-1] in (64, 128):
+            return torch.ops.lamina.paged_prefill_attention(q, k_cache, v_cache, md.block_tables,
+                                                            md.query_start_loc, md.seq_lens, scale)
         return reference.paged_attention(q, k_cache, v_cache, md, scale)
     out = torch.ops.lamina.paged_decode_attention(q.float(), k_cache, v_cache, md.block_tables, md.seq_lens, scale)
     return out.to(q.dtype)

@@ -1,14 +1,15 @@
-// Matrix-vector products for CPU decode: y[M, N] = x[M, K] @ W[N, K]^T for a few rows of x, with W
-// in bfloat16 or int8 (one scale per output channel).
+// lamina's CPU kernels: the matmuls and the attention of a bf16 (or int8) model on CPU.
 //
-// Decoding a small model reads every weight once per token, so these kernels aim at the memory
-// bandwidth. On 2 Zen 4 cores torch's bf16 and int8 GEMVs are compute-bound well below it; the
-// AVX-512 paths here do fewer instructions per weight byte:
-//   bf16: VDPBF16PS, 32 multiply-adds per instruction.
-//   int8: widened to float32 in registers, 16 multiply-adds per instruction. (Rounding the
-//         activations to int8 for VPDPBUSD, as llama.cpp does, was 10 % faster but moved greedy
-//         logprobs by up to 0.3 against float32; this keeps them where torch's int8 kernel does.)
-// Both also have a plain C++ path for other CPUs, with the same sums in float32.
+// A small model on a 2-core machine spends its time in per-call overheads and in the wrong memory
+// layout more than in arithmetic; these kernels avoid both:
+//   bf16_packed_linear  y = x @ W^T on a weight packed once for VDPBF16PS (any number of rows)
+//   int8_linear         a few rows of x times an int8 weight with a scale per output channel,
+//                       widened to float32 in registers. (Rounding the activations to int8 for
+//                       VPDPBUSD, as llama.cpp does, was 10 % faster but moved greedy logprobs by up
+//                       to 0.3 against float32; this keeps them where torch's int8 kernel does.)
+//   paged_decode_attention / paged_prefill_attention
+//                       attention reading the paged KV cache in place through the block table
+// Each has a plain C++ path for CPUs without AVX-512 (BF16), with the same sums in float32.
 //
 // Built on first use by lamina/kernels/cpu.py (g++ -O3 -march=native) and loaded with
 // torch.ops.load_library; Python gives the ops their shapes for torch.compile.
@@ -136,47 +137,107 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 }
 
 // ---------------------------------------------------------------------------------------------
-// bfloat16 weights
+// bfloat16 GEMM on packed weights, for any number of rows (decode batches and prefill).
+//
+// torch's bf16 matmul (oneDNN) repacks the weight on every call, which for a few dozen rows and the
+// small K of a small model costs about as much as the products. Here the weight is packed once, at
+// load time (quant.pack_bf16): [N/16, K/2, 16, 2], so one 64-byte load holds two consecutive input
+// channels of 16 output channels, the operand layout of VDPBF16PS. A tile of MR rows x 16*NB
+// columns accumulates in float32 registers over all of K (K is a few thousand at most here) and is
+// rounded to bf16 once, as torch rounds its float32 accumulators.
 
-template <int NT>
-void bf16_rows(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N, int64_t n) {
-  for (int64_t m = 0; m < M; m++) {
-    int64_t k = 0;
-    float acc[NT] = {};
+constexpr int kTileRows = 8;        // MR: rows of x per register tile
+constexpr int kTileBlocks = 3;      // NB: 16-column blocks per register tile (8 x 3 accumulators)
+constexpr int64_t kChunkRows = 128; // rows per parallel task: a chunk of x stays in L2 across a strip
+
 #if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
-    __m512 vacc[NT];
-    for (int t = 0; t < NT; t++) vacc[t] = _mm512_setzero_ps();
-    for (; k + 32 <= K; k += 32) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + m * K + k);
-      for (int t = 0; t < NT; t++)
-        vacc[t] = _mm512_dpbf16_ps(vacc[t], (__m512bh)_mm512_loadu_si512(w + (n + t) * K + k), xv);
+template <int MR, int NB>
+void packed_tile(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* y, int64_t N) {
+  const int64_t block_stride = K * 16;  // elements between consecutive 16-column blocks
+  __m512 acc[MR][NB];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K / 2; kp++) {
+    __m512i wv[NB];
+    for (int j = 0; j < NB; j++) wv[j] = _mm512_loadu_si512(w + j * block_stride + kp * 32);
+    for (int i = 0; i < MR; i++) {
+      int32_t pair;
+      std::memcpy(&pair, x + i * K + 2 * kp, 4);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, (__m512bh)wv[j]);
     }
-    for (int t = 0; t < NT; t++) acc[t] = hsum(vacc[t]);
-#endif
-    for (; k < K; k++)
-      for (int t = 0; t < NT; t++) acc[t] += bf16_to_float(w[(n + t) * K + k]) * bf16_to_float(xb[m * K + k]);
-    for (int t = 0; t < NT; t++) y[m * N + n + t] = acc[t];
+  }
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NB; j++)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * N + j * 16), (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
+}
+
+template <int NB>
+void packed_rows(const uint16_t* x, int64_t rows, int64_t K, const uint16_t* w, uint16_t* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + kTileRows <= rows; m += kTileRows) packed_tile<kTileRows, NB>(x + m * K, K, w, y + m * N, N);
+  switch (rows - m) {
+    case 7: packed_tile<7, NB>(x + m * K, K, w, y + m * N, N); break;
+    case 6: packed_tile<6, NB>(x + m * K, K, w, y + m * N, N); break;
+    case 5: packed_tile<5, NB>(x + m * K, K, w, y + m * N, N); break;
+    case 4: packed_tile<4, NB>(x + m * K, K, w, y + m * N, N); break;
+    case 3: packed_tile<3, NB>(x + m * K, K, w, y + m * N, N); break;
+    case 2: packed_tile<2, NB>(x + m * K, K, w, y + m * N, N); break;
+    case 1: packed_tile<1, NB>(x + m * K, K, w, y + m * N, N); break;
   }
 }
+#endif
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
-  const int64_t N = weight.size(0), K = weight.size(1), M = x.size(0);
-  check_rows(x, weight, K);
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "weight must be bfloat16 [N, K]");
-  const std::vector<float> xf = rows_as_float(x);
-  // x rounded to bf16: VDPBF16PS multiplies bf16 pairs (a no-op when x is bf16 already)
-  std::vector<uint16_t> xb(xf.size());
-  for (size_t i = 0; i < xf.size(); i++) xb[i] = float_to_bf16(xf[i]);
-  std::vector<float> y(M * N);
-  auto w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
-  at::parallel_for(0, N, kGrainRows, [&](int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) bf16_rows<4>(xb.data(), M, K, w, y.data(), N, n);
-    for (; n < n1; n++) bf16_rows<1>(xb.data(), M, K, w, y.data(), N, n);
-  });
-  return make_output(x, y, M, N);
+// rows x [16 * blocks] of y: the plain path, the same sums in float32
+void packed_rows_plain(const uint16_t* x, int64_t rows, int64_t K, const uint16_t* w, int64_t blocks,
+                       uint16_t* y, int64_t N) {
+  std::vector<float> acc(16);
+  for (int64_t m = 0; m < rows; m++)
+    for (int64_t b = 0; b < blocks; b++) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const uint16_t* wb = w + b * K * 16;
+      for (int64_t k = 0; k < K; k++) {
+        const float xk = bf16_to_float(x[m * K + k]);
+        for (int c = 0; c < 16; c++) acc[c] += xk * bf16_to_float(wb[(k / 2) * 32 + c * 2 + k % 2]);
+      }
+      for (int c = 0; c < 16; c++) y[m * N + b * 16 + c] = float_to_bf16(acc[c]);
+    }
 }
 
+at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 2 && packed.is_contiguous()
+              && packed.scalar_type() == at::kBFloat16, "packed weight must be contiguous bfloat16 [N/16, K/2, 16, 2]");
+  const int64_t N = packed.size(0) * 16, K = packed.size(1) * 2;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kBFloat16, "x must be bfloat16 [M, ", K, "]");
+  const int64_t M = x.size(0);
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "lamina's CPU GEMM takes CPU tensors");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  auto xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  auto wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  auto yp = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t blocks = N / 16;
+  const int64_t strips = (blocks + kTileBlocks - 1) / kTileBlocks;
+  const int64_t chunks = (M + kChunkRows - 1) / kChunkRows;
+  at::parallel_for(0, chunks * strips, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; task++) {
+      const int64_t m0 = (task / strips) * kChunkRows, rows = std::min(kChunkRows, M - m0);
+      const int64_t b0 = (task % strips) * kTileBlocks, nb = std::min<int64_t>(kTileBlocks, blocks - b0);
+      const uint16_t* xs = xp + m0 * K;
+      const uint16_t* ws = wp + b0 * K * 16;
+      uint16_t* ys = yp + m0 * N + b0 * 16;
+#if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
+      static_assert(kTileBlocks == 3, "the dispatch below covers 1 to 3 blocks");
+      if (nb == 3) packed_rows<3>(xs, rows, K, ws, ys, N);
+      else if (nb == 2) packed_rows<2>(xs, rows, K, ws, ys, N);
+      else packed_rows<1>(xs, rows, K, ws, ys, N);
+#else
+      packed_rows_plain(xs, rows, K, ws, nb, ys, N);
+#endif
+    }
+  });
+  return out;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Paged decode attention: one new token per sequence attends over its cached K/V, read in place
@@ -402,15 +463,254 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Paged prefill attention (bf16 q and cache): the new tokens of each sequence attend causally over
+// its cache, read in place, with an online softmax (flash attention's order) in float32.
+//
+// A task is one KV head of up to kQueryTile new tokens of one sequence: its query heads (GQA) and
+// tokens form the rows of one tile, so each key and value is read once for all of them. Per chunk
+// of kKeyChunk keys: the keys are transposed into VDPBF16PS's layout (2 dims x 32 keys per pair of
+// loads) and the scores come out of bf16 pairs exactly, as float32; the values are widened to
+// float32 and the probabilities stay float32 (rounding them to bf16 would cost accuracy).
+// Tasks are spread over the threads longest first, since causal tiles differ in length.
+
+constexpr int64_t kQueryTile = 16;
+constexpr int64_t kKeyChunk = 32;
+
+struct PrefillTask {
+  int64_t seq, kv_head, first, count;  // new tokens [first, first + count) of the sequence
+  int64_t cost;
+};
+
+template <typename Row>
+void prefill_tile_plain(const uint16_t* qrows, int64_t R, int64_t group, int64_t ctx0, const Row& row,
+                        const uint16_t* k_cache, const uint16_t* v_cache, int64_t D, float scale, float* o) {
+  std::vector<float> s;
+  for (int64_t r = 0; r < R; r++) {
+    const int64_t len = ctx0 + r / group + 1;  // keys this row sees
+    s.assign(len, 0.f);
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < len; t++) {
+      const uint16_t* k = row(k_cache, t);
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; d++) acc += bf16_to_float(qrows[r * D + d]) * bf16_to_float(k[d]);
+      s[t] = acc * scale;
+      mx = std::max(mx, s[t]);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; t++) sum += (s[t] = std::exp(s[t] - mx));
+    for (int64_t d = 0; d < D; d++) o[r * D + d] = 0.f;
+    for (int64_t t = 0; t < len; t++) {
+      const uint16_t* v = row(v_cache, t);
+      for (int64_t d = 0; d < D; d++) o[r * D + d] += s[t] * bf16_to_float(v[d]);
+    }
+    for (int64_t d = 0; d < D; d++) o[r * D + d] /= sum;
+  }
+}
+
+#if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
+// s[RB][32] = q[RB] . keys, from kt [D/2][32] pairs of dims of 32 keys
+template <int RB>
+void chunk_scores(const uint16_t* q, const uint32_t* kt, int64_t D, float* s) {
+  __m512 acc[RB][2];
+  for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t dp = 0; dp < D / 2; dp++) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + dp * 32), k1 = (__m512bh)_mm512_loadu_si512(kt + dp * 32 + 16);
+    for (int r = 0; r < RB; r++) {
+      int32_t pair;
+      std::memcpy(&pair, q + r * D + 2 * dp, 4);
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qv, k0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qv, k1);
+    }
+  }
+  for (int r = 0; r < RB; r++) {
+    _mm512_storeu_ps(s + r * 32, acc[r][0]);
+    _mm512_storeu_ps(s + r * 32 + 16, acc[r][1]);
+  }
+}
+
+// o[RB][16 NV] = o * alpha + p[RB][:len] . vf[:len]
+template <int RB, int NV>
+void chunk_values(const float* p, const float* alpha, const float* vf, int64_t len, float* o) {
+  __m512 acc[RB][NV];
+  for (int r = 0; r < RB; r++) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int j = 0; j < NV; j++) acc[r][j] = _mm512_mul_ps(a, _mm512_loadu_ps(o + r * NV * 16 + j * 16));
+  }
+  for (int64_t t = 0; t < len; t++) {
+    __m512 vv[NV];
+    for (int j = 0; j < NV; j++) vv[j] = _mm512_loadu_ps(vf + t * NV * 16 + j * 16);
+    for (int r = 0; r < RB; r++) {
+      const __m512 pr = _mm512_set1_ps(p[r * 32 + t]);
+      for (int j = 0; j < NV; j++) acc[r][j] = _mm512_fmadd_ps(pr, vv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; r++)
+    for (int j = 0; j < NV; j++) _mm512_storeu_ps(o + r * NV * 16 + j * 16, acc[r][j]);
+}
+
+template <int RB, int NV>
+void values_rows(const float* p, const float* alpha, const float* vf, int64_t len, float* o, int64_t R) {
+  int64_t r = 0;
+  for (; r + RB <= R; r += RB) chunk_values<RB, NV>(p + r * 32, alpha + r, vf, len, o + r * NV * 16);
+  for (; r < R; r++) chunk_values<1, NV>(p + r * 32, alpha + r, vf, len, o + r * NV * 16);
+}
+
+struct TileScratch {
+  std::vector<uint32_t> kt;
+  std::vector<float> vf, s, m, l, alpha;
+};
+
+template <typename Row>
+void prefill_tile(const uint16_t* qrows, int64_t R, int64_t group, int64_t ctx0, const Row& row,
+                  const uint16_t* k_cache, const uint16_t* v_cache, int64_t D, float scale, float* o,
+                  TileScratch& w) {
+  w.kt.resize(D / 2 * 32);
+  w.vf.resize(kKeyChunk * D);
+  w.s.resize(R * 32);
+  w.m.assign(R, -INFINITY);
+  w.l.assign(R, 0.f);
+  w.alpha.resize(R);
+  std::fill_n(o, R * D, 0.f);
+  const int64_t end = ctx0 + (R - 1) / group + 1;  // keys the last row sees
+  for (int64_t t0 = 0; t0 < end; t0 += kKeyChunk) {
+    const int64_t len = std::min(kKeyChunk, end - t0);
+    std::fill(w.kt.begin(), w.kt.end(), 0u);
+    for (int64_t t = 0; t < len; t++) {
+      const uint16_t* k = row(k_cache, t0 + t);
+      const uint16_t* v = row(v_cache, t0 + t);
+      for (int64_t dp = 0; dp < D / 2; dp++) std::memcpy(&w.kt[dp * 32 + t], k + 2 * dp, 4);
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(&w.vf[t * D + d], load16(v + d));
+    }
+    // the rows that see any key of this chunk: all but the first few tokens' on the first chunks
+    const int64_t first_token = std::max<int64_t>(0, t0 - ctx0);
+    const int64_t r0 = first_token * group;
+    int64_t r = r0;
+    for (; r + 6 <= R; r += 6) chunk_scores<6>(qrows + r * D, w.kt.data(), D, w.s.data() + r * 32);
+    for (; r < R; r++) chunk_scores<1>(qrows + r * D, w.kt.data(), D, w.s.data() + r * 32);
+    for (r = r0; r < R; r++) {
+      const int64_t visible = std::min(len, ctx0 + r / group + 1 - t0);  // causal: keys up to the row's position
+      float* s = w.s.data() + r * 32;
+      const __mmask16 m0 = visible >= 16 ? 0xffff : __mmask16((1u << visible) - 1);
+      const __mmask16 m1 = visible >= 32 ? 0xffff : visible <= 16 ? 0 : __mmask16((1u << (visible - 16)) - 1);
+      const __m512 neg = _mm512_set1_ps(-INFINITY), vs = _mm512_set1_ps(scale);
+      const __m512 s0 = _mm512_mask_mul_ps(neg, m0, _mm512_loadu_ps(s), vs);
+      const __m512 s1 = _mm512_mask_mul_ps(neg, m1, _mm512_loadu_ps(s + 16), vs);
+      const float mx = std::max(w.m[r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+      const __m512 vmx = _mm512_set1_ps(mx), floor = _mm512_set1_ps(-87.f);
+      const __m512 e0 = _mm512_maskz_mov_ps(m0, exp16(_mm512_max_ps(_mm512_sub_ps(s0, vmx), floor)));
+      const __m512 e1 = _mm512_maskz_mov_ps(m1, exp16(_mm512_max_ps(_mm512_sub_ps(s1, vmx), floor)));
+      _mm512_storeu_ps(s, e0);
+      _mm512_storeu_ps(s + 16, e1);
+      w.alpha[r] = std::exp(w.m[r] - mx);  // 0 on the first chunk (m = -inf)
+      w.l[r] = w.l[r] * w.alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+      w.m[r] = mx;
+    }
+    float* orows = o + r0 * D;
+    const float* p = w.s.data() + r0 * 32;
+    if (D == 64) values_rows<6, 4>(p, w.alpha.data() + r0, w.vf.data(), len, orows, R - r0);
+    else values_rows<3, 8>(p, w.alpha.data() + r0, w.vf.data(), len, orows, R - r0);  // D == 128
+  }
+  for (int64_t r = 0; r < R; r++) {
+    const float inv = 1.f / w.l[r];
+    for (int64_t d = 0; d < D; d++) o[r * D + d] *= inv;
+  }
+}
+#endif
+
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                                   const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kBFloat16, "q must be bfloat16 [T, Hq, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kBFloat16
+              && v_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && v_cache.is_contiguous()
+              && k_cache.size(3) == q.size(2),
+              "caches must be contiguous bfloat16 [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "head_dim must be 64 or 128");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  const int64_t B = seq_lens.size(0);
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt
+              && query_start_loc.scalar_type() == at::kInt && block_tables.size(0) == B
+              && query_start_loc.size(0) == B + 1,
+              "block_tables [B, W], query_start_loc [B+1] and seq_lens [B] must be int32");
+  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous();
+  const at::Tensor qsl = query_start_loc.contiguous(), lens_t = seq_lens.contiguous();
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2), group = Hq / Hkv;
+  const int64_t block_size = k_cache.size(1), width = tables.size(1);
+  const int32_t* starts = qsl.data_ptr<int32_t>();
+  const int32_t* lens = lens_t.data_ptr<int32_t>();
+  TORCH_CHECK(starts[0] == 0 && starts[B] == q.size(0), "query_start_loc must run from 0 to T");
+  std::vector<PrefillTask> tasks;
+  for (int64_t b = 0; b < B; b++) {
+    const int64_t n = starts[b + 1] - starts[b], ctx0 = lens[b] - n;
+    TORCH_CHECK(n >= 0 && ctx0 >= 0 && (lens[b] + block_size - 1) / block_size <= width,
+                "sequence ", b, ": ", n, " new tokens, ", lens[b], " in all, a block table of ", width);
+    for (int64_t h = 0; h < Hkv; h++)
+      for (int64_t i = 0; i < n; i += kQueryTile) {
+        const int64_t count = std::min(kQueryTile, n - i);
+        tasks.push_back({b, h, i, count, count * (ctx0 + i + count)});
+      }
+  }
+  // longest first onto the least loaded thread
+  std::sort(tasks.begin(), tasks.end(), [](const PrefillTask& a, const PrefillTask& b) { return a.cost > b.cost; });
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.size()));
+  std::vector<std::vector<PrefillTask>> bins(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (const PrefillTask& t : tasks) {
+    const int64_t i = std::min_element(load.begin(), load.end()) - load.begin();
+    bins[i].push_back(t);
+    load[i] += t.cost;
+  }
+  at::Tensor out = at::empty_like(qc);
+  auto qp = reinterpret_cast<const uint16_t*>(qc.data_ptr());
+  auto op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  auto kc = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
+  auto vc = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> qrows;
+    std::vector<float> o;
+#if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
+    TileScratch scratch;
+#endif
+    for (int64_t bin = begin; bin < end; bin++)
+      for (const PrefillTask& t : bins[bin]) {
+        const int64_t R = t.count * group, ctx0 = lens[t.seq] - (starts[t.seq + 1] - starts[t.seq]) + t.first;
+        const int32_t* table = tp + t.seq * width;
+        auto row = [&](const uint16_t* cache, int64_t pos) {
+          const int64_t slot = int64_t(table[pos / block_size]) * block_size + pos % block_size;
+          return cache + (slot * Hkv + t.kv_head) * D;
+        };
+        qrows.resize(R * D);
+        o.resize(R * D);
+        for (int64_t i = 0; i < t.count; i++)  // rows: token-major, then the KV head's query heads
+          std::memcpy(&qrows[i * group * D], qp + ((starts[t.seq] + t.first + i) * Hq + t.kv_head * group) * D,
+                      group * D * sizeof(uint16_t));
+#if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
+        prefill_tile(qrows.data(), R, group, ctx0, row, kc, vc, D, float(scale), o.data(), scratch);
+#else
+        prefill_tile_plain(qrows.data(), R, group, ctx0, row, kc, vc, D, float(scale), o.data());
+#endif
+        for (int64_t i = 0; i < t.count; i++)
+          for (int64_t j = 0; j < group * D; j++)
+            op[((starts[t.seq] + t.first + i) * Hq + t.kv_head * group) * D + j] = float_to_bf16(o[i * group * D + j]);
+      }
+  });
+  return out;
+}
+
 }  // namespace
 
 // A macro layer, so that a test can build the plain paths under another namespace.
 #define LAMINA_DEFINE_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 LAMINA_DEFINE_LIBRARY(LAMINA_NAMESPACE, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
-  m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("bf16_packed_linear(Tensor x, Tensor packed) -> Tensor");
+  m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, float scale) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
-  m.impl("bf16_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_linear));
+  m.impl("bf16_packed_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_packed_linear));
+  m.impl("paged_prefill_attention", c10::DispatchKey::CPU, TORCH_FN(paged_prefill_attention));
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
 }

@@ -1,4 +1,4 @@
-"""Linear layers for decode: weight-only quantization, and lamina's CPU GEMV kernels.
+"""Linear layers for CPU inference: weight-only quantization, and lamina's C++ bf16 GEMM.
 
 Decoding a small model is bound by how many weight bytes each token reads.
 - int8: one scale per output channel (half of bf16's bytes).
@@ -6,11 +6,11 @@ Decoding a small model is bound by how many weight bytes each token reads.
   bytes, plus the scales). This is the grid of llama.cpp's Q4_1, so the default model, shipped as
   Q4_1, is reproduced almost exactly (its blocks' min and max land back on the same grid). The
   lm_head stays int8.
-- bf16 weights on CPU keep their bytes but get a faster GEMV (`use_cpu_gemv`).
-On CPU, few rows (decode) of bf16 and int8 layers go to lamina's C++ GEMVs (lamina/kernels/cpu.py):
-torch's are compute-bound on a 2-core machine. int4 layers use torch's packed int4 kernel, which
-lamina's own int4 kernel did not beat. Many rows (prefill) dequantize the weight and run one bf16
-matmul (torch's GEMM), from row counts measured on a 2-core Zen 4. Without the C++ kernels (no
+- bf16 weights on CPU keep their bytes but are packed once for lamina's GEMM (`use_cpu_gemv`),
+  which beats torch's matmul at every row count on a 2-core Zen 4 (`python bench/gemv.py`).
+On CPU, few rows (decode) of int8 layers go to lamina's C++ GEMV; int4 layers use torch's packed
+int4 kernel, which lamina's own int4 kernel did not beat. Many rows (prefill) dequantize the weight
+and run one bf16 matmul, from row counts measured on a 2-core Zen 4. Without the C++ kernels (no
 compiler, not on CPU) the layers fall back to torch's ops.
 """
 from __future__ import annotations
@@ -25,11 +25,10 @@ from lamina.kernels import cpu
 log = logging.getLogger("lamina.quant")
 
 INT4_GROUP_SIZE = 32
-# Row counts where the GEMV kernels stop paying: from there dequantize + one bf16 matmul (or
-# torch's bf16 matmul) is faster (2-core Zen 4, a 576 x 3072 layer: `python bench/gemv.py`)
+# Row counts where the GEMV kernels stop paying: from there dequantize + one bf16 matmul is faster
+# (2-core Zen 4, a 576 x 3072 layer: `python bench/gemv.py`)
 INT8_DEQUANT_MIN_ROWS = 16
 INT4_DEQUANT_MIN_ROWS = 256
-BF16_GEMV_MAX_ROWS = 16
 
 
 def _rows(x: torch.Tensor, in_features: int) -> int:
@@ -119,28 +118,39 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N/16, K/2, 16, 2]: what torch.ops.lamina.bf16_packed_linear reads (one 64-byte
+    load = 2 input channels of 16 output channels, VDPBF16PS's operand)."""
+    n, k = weight.shape
+    return weight.detach().view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
 class Bf16Linear(nn.Module):
-    """A bf16 nn.Linear whose decode rows go to the C++ GEMV. It shares the Parameter (a tied
-    lm_head stays tied to the embedding)."""
+    """A bf16 nn.Linear on CPU through lamina's C++ GEMM, for every row count: its weight is
+    packed once here, where torch's matmul repacks it on every call. The nn.Linear's weight is not
+    kept (a tied lm_head's packed copy is the only extra memory: the embedding keeps its own)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("packed", pack_bf16(linear.weight))
+        self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        return (linear.weight.dtype == torch.bfloat16 and linear.out_features % 16 == 0
+                and linear.in_features % 2 == 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x, self.in_features) <= BF16_GEMV_MAX_ROWS and x.dtype == torch.bfloat16:
-            y = torch.ops.lamina.bf16_linear(x.reshape(-1, self.in_features), self.weight)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return nn.functional.linear(x, self.weight, self.bias)
+        y = torch.ops.lamina.bf16_packed_linear(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
 
 def use_cpu_gemv(model: nn.Module) -> bool:
-    """Route a bf16 CPU model's decode matmuls to the C++ GEMV. False (nothing changed) where the
+    """Route a bf16 CPU model's matmuls to lamina's C++ GEMM. False (nothing changed) where the
     kernels are unavailable."""
-    linears = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16]
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and Bf16Linear.fits(m)]
     if not linears or not cpu.usable(linears[0][1].weight):
         return False
     for name, linear in linears:

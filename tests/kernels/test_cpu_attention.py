@@ -1,4 +1,7 @@
-"""The cpu backend's C++ paged decode attention against the torch reference on the same cache."""
+"""The cpu backend's C++ paged attention (decode, and prefill on a bf16 cache) against the torch
+reference on the same cache."""
+import platform
+
 import pytest
 import torch
 
@@ -46,15 +49,76 @@ def test_decode_attention_matches_reference(seq_lens, heads, kv_heads, head_dim,
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_prefill_takes_the_reference_path_and_the_backend_is_the_cpu_default():
+def _prefill_case(new_tokens, cached, heads, kv_heads, head_dim, block_size=16, seed=0):
+    """Sequences with `cached` tokens already in the cache and `new_tokens` arriving (a chunk, or a
+    prompt after a reused prefix), in one flat prefill batch."""
+    lens = [n + c for n, c in zip(new_tokens, cached)]
+    q, k_cache, v_cache, md = _paged_case(lens, heads, kv_heads, head_dim, block_size, torch.bfloat16, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(sum(new_tokens), heads, head_dim, generator=g).to(torch.bfloat16)
+    starts = torch.tensor([0] + new_tokens).cumsum(0).to(torch.int32)
+    md = AttentionMetadata(query_start_loc=starts, seq_lens=md.seq_lens, block_tables=md.block_tables,
+                           slot_mapping=torch.zeros(sum(new_tokens), dtype=torch.int64),
+                           max_query_len=max(new_tokens), max_seq_len=max(lens))
+    return q, k_cache, v_cache, md
+
+
+PREFILL_CASES = [
+    ([1], [0], 9, 3, 64),                        # one token, nothing cached
+    ([40], [0], 9, 3, 64),                       # a prompt past one key chunk (32) and query tile (16)
+    ([17, 3, 64, 1], [0, 20, 33, 70], 9, 3, 64),  # a batch: prompts, chunks after a cached prefix, a decode row
+    ([100], [37], 9, 3, 64),
+    ([33], [7], 8, 8, 128),                      # no GQA, head_dim 128
+    ([50], [0], 4, 1, 128),                      # 4 query heads per KV head
+]
+
+
+def _check_prefill(ops, case):
+    q, k_cache, v_cache, md = _prefill_case(*case)
+    scale = case[-1] ** -0.5
+    ref = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), md, scale)
+    got = ops.paged_prefill_attention(q, k_cache, v_cache, md.block_tables, md.query_start_loc, md.seq_lens, scale)
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    # float32 math throughout; the output is rounded to bf16 once (half a step: 2^-9 relative)
+    torch.testing.assert_close(got.float(), ref, rtol=2 ** -8, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_prefill_attention_matches_reference(case):
+    _check_prefill(torch.ops.lamina, case)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the baseline build targets x86-64")
+def test_prefill_attention_plain_path_matches_reference():
+    """The same source built for an x86-64-v2 CPU (no AVX-512): what other machines run."""
+    assert cpu.load(namespace="lamina_plain", march="x86-64-v2")
+    for case in PREFILL_CASES:
+        _check_prefill(torch.ops.lamina_plain, case)
+
+
+def test_backend_routes_prefill_by_dtype_and_is_the_cpu_default():
+    """bf16 prefill goes to C++; float32 (and head sizes the kernel lacks) to the reference."""
     assert get_backend(None, "cpu") is cpu or __import__("os").environ.get("LAMINA_ATTENTION_BACKEND")
-    q, k_cache, v_cache, md = _paged_case([40], 4, 2, 32, 16, torch.float32)
-    prefill = AttentionMetadata(query_start_loc=torch.tensor([0, 40], dtype=torch.int32), seq_lens=md.seq_lens,
-                                block_tables=md.block_tables, slot_mapping=torch.zeros(40, dtype=torch.int64),
-                                max_query_len=40, max_seq_len=40)
-    qs = torch.randn(40, 4, 32)
-    torch.testing.assert_close(cpu.paged_attention(qs, k_cache, v_cache, prefill, 0.2),
-                               reference.paged_attention(qs, k_cache, v_cache, prefill, 0.2))
+    q, k_cache, v_cache, md = _prefill_case([40], [8], 6, 2, 64)
+    torch.testing.assert_close(cpu.paged_attention(q, k_cache, v_cache, md, 0.2).float(),
+                               reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), md, 0.2),
+                               rtol=2 ** -8, atol=1e-3)
+    for dtype, head_dim in ((torch.float32, 64), (torch.bfloat16, 32)):
+        q, k_cache, v_cache, md = _prefill_case([40], [8], 4, 2, head_dim)
+        q, k_cache, v_cache = q.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
+        torch.testing.assert_close(cpu.paged_attention(q, k_cache, v_cache, md, 0.2),
+                                   reference.paged_attention(q, k_cache, v_cache, md, 0.2))
+
+
+def test_prefill_rejects_bad_metadata_with_a_clear_error():
+    q, k_cache, v_cache, md = _prefill_case([20], [4], 4, 2, 64)
+    with pytest.raises(RuntimeError, match="a block table of"):
+        torch.ops.lamina.paged_prefill_attention(q, k_cache, v_cache, md.block_tables, md.query_start_loc,
+                                                 md.seq_lens + 100, 0.2)
+    with pytest.raises(RuntimeError, match="q must be bfloat16"):
+        torch.ops.lamina.paged_prefill_attention(q.float(), k_cache, v_cache, md.block_tables, md.query_start_loc,
+                                                 md.seq_lens, 0.2)
 
 
 def test_a_block_table_too_short_is_an_error():
