@@ -18,10 +18,9 @@ from lamina.models.loader import load_model
 log = logging.getLogger("lamina.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30  # 32 conversations of 2k tokens of SmolLM2-135M fit even in float32
-# Decode batches up to this size run the compiled step: there per-op overhead is most of the step.
-# Larger batches amortize it, and the torch backend's eager attention groups them by length (no
-# padding to the longest), which a compiled graph cannot. (The cpu backend's C++ attention never
-# pads; whether compiling larger batches pays there is not measured yet.)
+# With the torch backend, decode batches up to this size run the compiled step: larger ones go
+# eager, where attention groups them by length (no padding to the longest), which a compiled graph
+# cannot. The cpu backend's C++ attention never pads, so there every decode batch is compiled.
 COMPILED_MAX_BATCH = GROUP_BY_LENGTH_MIN_BATCH - 1
 
 
@@ -64,6 +63,8 @@ class ModelRunner:
         self.v_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
         self.compiled_forward = None
+        from lamina.kernels import cpu as cpu_backend
+        self.compiled_max_batch = None if self.model.layers[0].self_attn.ops is cpu_backend else COMPILED_MAX_BATCH
         if use_compile(config, self.device):
             self._compile_decode()
 
@@ -161,7 +162,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        if self.compiled_forward is not None and md.is_decode and md.num_seqs <= COMPILED_MAX_BATCH:
+        if (self.compiled_forward is not None and md.is_decode
+                and (self.compiled_max_batch is None or md.num_seqs <= self.compiled_max_batch)):
             # Two graphs in all: batch 1, and any batch of 2+ (torch specializes sizes 0 and 1).
             # The block-table width is dynamic from the start (prepare keeps it >= 2 for that).
             torch._dynamo.mark_dynamic(md.block_tables, 1)
@@ -202,7 +204,7 @@ class ModelRunner:
                 logits_indices=torch.arange(batch, dtype=torch.int64, device=dev))
             self.forward(torch.zeros(batch, dtype=torch.long, device=dev),
                          torch.zeros(batch, dtype=torch.long, device=dev), md)
-        log.info("compiled the decode step (batches 1 and 2..%d) in %.1f s", COMPILED_MAX_BATCH,
+        log.info("compiled the decode step (batches 1 and 2..%s) in %.1f s", self.compiled_max_batch or "any",
                  time.perf_counter() - start)
 
     def synchronize(self) -> None:

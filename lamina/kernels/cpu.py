@@ -10,9 +10,11 @@ The ops, registered in torch.ops.lamina:
     int8_linear(x, weight, scale)           x [M, K] float32/bf16, weight [N, K] int8, scale [N] float32
     bf16_packed_linear(x, packed)           x [M, K] bf16, packed [N/16, K/2, 16, 2] bf16 (quant.pack_bf16)
     paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
-                                            q [B, Hq, D] float32, caches float32 or bfloat16
+                                            q [B, Hq, D] float32/bf16 -> float32, caches float32/bf16
     paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
                                             q [T, Hq, D] bf16, caches bf16, D 64 or 128 (causal)
+    silu_and_mul(x)                         x [T, 2I] bf16 -> silu(x[:, :I]) * x[:, I:]
+    add_rms_norm(x, residual, weight, eps)  bf16 -> (RMSNorm(x + residual) * weight, x + residual)
 As an attention backend (kernels/__init__.py), this module is `reference` with decode attention in
 C++: it reads the paged cache in place, where the torch path gathers a padded copy first.
 """
@@ -85,8 +87,11 @@ def _register_shapes(namespace: str) -> None:
             lambda x, weight, *rest: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake(f"{namespace}::bf16_packed_linear")(
         lambda x, packed: x.new_empty(x.shape[0], packed.shape[0] * 16))
-    for name in ("paged_decode_attention", "paged_prefill_attention"):
-        torch.library.register_fake(f"{namespace}::{name}")(lambda q, *rest: torch.empty_like(q))
+    torch.library.register_fake(f"{namespace}::paged_decode_attention")(
+        lambda q, *rest: torch.empty_like(q, dtype=torch.float32))
+    torch.library.register_fake(f"{namespace}::paged_prefill_attention")(lambda q, *rest: torch.empty_like(q))
+    torch.library.register_fake(f"{namespace}::silu_and_mul")(lambda x: x.new_empty(x.shape[0], x.shape[1] // 2))
+    torch.library.register_fake(f"{namespace}::add_rms_norm")(lambda x, *rest: (torch.empty_like(x), torch.empty_like(x)))
 
 
 def load(namespace: str = "lamina", march: str = "native") -> bool:
@@ -111,7 +116,24 @@ def usable(weight: torch.Tensor) -> bool:
 
 
 # -- the "cpu" attention backend ---------------------------------------------------------------------
-from lamina.kernels.reference import rms_norm, rotary_embedding, store_kv_cache  # noqa: E402,F401
+from lamina.kernels.reference import rotary_embedding, store_kv_cache  # noqa: E402,F401
+
+
+def _eager_bf16(x: torch.Tensor) -> bool:
+    """The C++ elementwise ops serve eager steps; a compiled step fuses torch's own."""
+    return x.dtype == torch.bfloat16 and x.dim() == 2 and not torch.compiler.is_compiling()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    if residual is not None and weight.dtype == torch.bfloat16 and _eager_bf16(x):
+        return torch.ops.lamina.add_rms_norm(x, residual, weight, eps)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _eager_bf16(x):
+        return torch.ops.lamina.silu_and_mul(x)
+    return reference.silu_and_mul(x)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md, scale: float) -> torch.Tensor:
@@ -121,5 +143,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             return torch.ops.lamina.paged_prefill_attention(q, k_cache, v_cache, md.block_tables,
                                                             md.query_start_loc, md.seq_lens, scale)
         return reference.paged_attention(q, k_cache, v_cache, md, scale)
-    out = torch.ops.lamina.paged_decode_attention(q.float(), k_cache, v_cache, md.block_tables, md.seq_lens, scale)
+    # float32 out; a bf16 q goes in as it is (on a bf16 cache the scores then come from bf16 pairs)
+    out = torch.ops.lamina.paged_decode_attention(q if q.dtype == torch.bfloat16 else q.float(), k_cache, v_cache,
+                                                  md.block_tables, md.seq_lens, scale)
     return out.to(q.dtype)

@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
@@ -346,8 +348,8 @@ void weighted_values_one(const float* p, int64_t len, const Row& row, const T* v
 // The query heads of one KV head (GQA) for one sequence: two passes over its cached tokens, keys
 // then values, with an exact softmax in between. scores: [group, len] scratch.
 template <typename T>
-void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t len,
-            int64_t block_size, int64_t num_kv_heads, int64_t kv_head, int64_t D, int64_t group,
+void attend(const float* q, const uint16_t* qb, const T* k_cache, const T* v_cache, const int32_t* table,
+            int64_t len, int64_t block_size, int64_t num_kv_heads, int64_t kv_head, int64_t D, int64_t group,
             float scale, float* out, std::vector<float>& scores) {
   scores.resize(group * len);
   auto row = [&](const T* cache, int64_t t) {
@@ -355,6 +357,23 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
     return cache + (slot * num_kv_heads + kv_head) * D;
   };
   int64_t t0 = 0;
+#if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
+  // q in bf16 too (qb: it came out of a bf16 projection): VDPBF16PS takes the pairs as they are
+  if constexpr (std::is_same_v<T, uint16_t>)
+    if (qb != nullptr)
+      for (; t0 + 16 <= len; t0 += 16)
+        for (int64_t g = 0; g < group; g++) {
+          __m512 part[16];
+          for (int i = 0; i < 16; i++) {
+            const uint16_t* k = row(k_cache, t0 + i);
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < D; j += 32)
+              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qb + g * D + j), (__m512bh)_mm512_loadu_si512(k + j));
+            part[i] = acc;
+          }
+          _mm512_storeu_ps(scores.data() + g * len + t0, _mm512_mul_ps(_mm512_set1_ps(scale), sum_each(part)));
+        }
+#endif
 #ifdef LAMINA_AVX512
   if (D % 16 == 0 && D <= 256)
     for (; t0 + 16 <= len; t0 += 16)
@@ -417,7 +436,7 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* t
 }
 
 template <typename T>
-void decode_attention_typed(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+void decode_attention_typed(const at::Tensor& q, const at::Tensor& q_bf16, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                             at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
@@ -428,6 +447,7 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const float* qp = q.data_ptr<float>();
+  const uint16_t* qbp = q_bf16.defined() ? reinterpret_cast<const uint16_t*>(q_bf16.data_ptr()) : nullptr;
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -436,7 +456,7 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k_cache, cons
       const int64_t len = lens[b];
       TORCH_CHECK(len >= 1 && (len + block_size - 1) / block_size <= width, "sequence ", b, " has ", len,
                   " tokens, more than its block table holds");
-      attend(qp + (b * Hq + h * group) * D, k, v, tables + b * width, len, block_size, Hkv, h, D, group,
+      attend(qp + (b * Hq + h * group) * D, qbp ? qbp + (b * Hq + h * group) * D : nullptr, k, v, tables + b * width, len, block_size, Hkv, h, D, group,
              float(scale), op + (b * Hq + h * group) * D, scores);
     }
   });
@@ -444,7 +464,8 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q must be float32 [B, Hq, D]");
+  TORCH_CHECK(q.dim() == 3 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "q must be float32 or bfloat16 [B, Hq, D]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type()
               && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(3) == q.size(2),
               "caches must be contiguous [blocks, block_size, Hkv, D] of one dtype");
@@ -452,12 +473,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt
               && block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0),
               "block_tables [B, W] and seq_lens [B] must be int32");
-  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = seq_lens.contiguous();
+  const at::Tensor qc = q.to(at::kFloat).contiguous(), tables = block_tables.contiguous(), lens = seq_lens.contiguous();
+  // bf16 q on a bf16 cache: the scores from bf16 pairs (exact products, float32 sums)
+  const bool pairs = q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 && q.size(2) % 32 == 0;
+  const at::Tensor qb = pairs ? q.contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(qc);
   if (k_cache.scalar_type() == at::kFloat)
-    decode_attention_typed<float>(qc, k_cache, v_cache, tables, lens, scale, out);
+    decode_attention_typed<float>(qc, qb, k_cache, v_cache, tables, lens, scale, out);
   else if (k_cache.scalar_type() == at::kBFloat16)
-    decode_attention_typed<uint16_t>(qc, k_cache, v_cache, tables, lens, scale, out);
+    decode_attention_typed<uint16_t>(qc, qb, k_cache, v_cache, tables, lens, scale, out);
   else
     TORCH_CHECK(false, "the KV cache must be float32 or bfloat16");
   return out;
@@ -700,6 +724,106 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Elementwise ops of an eager (prefill) step on bf16 rows, rounding where torch's bf16 ops round,
+// in one pass where torch makes several (a compiled step fuses them itself and keeps torch's).
+
+#ifdef LAMINA_AVX512
+__m512 bf16x16_load(const uint16_t* p) { return load16(p); }
+void bf16x16_store(uint16_t* p, __m512 v) {  // round to nearest even, as torch does
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+#endif
+
+// silu(gate) * up for x = [gate | up] rows [T, 2I] -> [T, I]
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.scalar_type() == at::kBFloat16, "x must be bfloat16 [T, 2I]");
+  const at::Tensor xc = x.contiguous();
+  const int64_t T = x.size(0), I = x.size(1) / 2;
+  at::Tensor out = at::empty({T, I}, x.options());
+  auto xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  auto op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const uint16_t* g = xp + t * 2 * I;
+      const uint16_t* u = g + I;
+      uint16_t* o = op + t * I;
+      int64_t i = 0;
+#ifdef LAMINA_AVX512
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= I; i += 16) {
+        const __m512 gv = bf16x16_load(g + i);
+        const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(88.f)));
+        uint16_t silu[16];
+        bf16x16_store(silu, _mm512_div_ps(gv, _mm512_add_ps(one, e)));
+        bf16x16_store(o + i, _mm512_mul_ps(bf16x16_load(silu), bf16x16_load(u + i)));
+      }
+#endif
+      for (; i < I; i++) {
+        const float gi = bf16_to_float(g[i]);
+        const float silu = bf16_to_float(float_to_bf16(gi / (1.f + std::exp(-gi))));
+        o[i] = float_to_bf16(silu * bf16_to_float(u[i]));
+      }
+    }
+  });
+  return out;
+}
+
+// RMSNorm of bf16 rows after the residual add, as the reference rounds it: x + residual in bf16
+// (the new residual stream), the norm in float32, rounded to bf16, times the bf16 weight.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && residual.sizes() == x.sizes()
+              && residual.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16
+              && weight.dim() == 1 && weight.size(0) == x.size(1),
+              "x, residual must be bfloat16 [T, H] (residual must be bfloat16 shaped like x), weight bfloat16 [H]");
+  const int64_t T = x.size(0), H = x.size(1);
+  const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty({T, H}, x.options()), sum = at::empty({T, H}, x.options());
+  auto xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  auto rp = reinterpret_cast<const uint16_t*>(rc.data_ptr());
+  auto wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
+  auto sp = reinterpret_cast<uint16_t*>(sum.data_ptr());
+  auto op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const uint16_t *xr = xp + t * H, *rr = rp + t * H;
+      uint16_t *sr = sp + t * H, *orow = op + t * H;
+      float ss = 0.f;
+      int64_t i = 0;
+#ifdef LAMINA_AVX512
+      __m512 vss = _mm512_setzero_ps();
+      for (; i + 16 <= H; i += 16) {
+        bf16x16_store(sr + i, _mm512_add_ps(bf16x16_load(xr + i), bf16x16_load(rr + i)));
+        const __m512 h = bf16x16_load(sr + i);
+        vss = _mm512_fmadd_ps(h, h, vss);
+      }
+      ss = _mm512_reduce_add_ps(vss);
+#endif
+      for (; i < H; i++) {
+        sr[i] = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(rr[i]));
+        ss += bf16_to_float(sr[i]) * bf16_to_float(sr[i]);
+      }
+      const float inv = 1.f / std::sqrt(ss / float(H) + float(eps));
+      i = 0;
+#ifdef LAMINA_AVX512
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (; i + 16 <= H; i += 16) {
+        uint16_t normed[16];
+        bf16x16_store(normed, _mm512_mul_ps(bf16x16_load(sr + i), vinv));
+        bf16x16_store(orow + i, _mm512_mul_ps(bf16x16_load(wp + i), bf16x16_load(normed)));
+      }
+#endif
+      for (; i < H; i++)
+        orow[i] = float_to_bf16(bf16_to_float(wp[i]) * bf16_to_float(float_to_bf16(bf16_to_float(sr[i]) * inv)));
+    }
+  });
+  return {out, sum};
+}
+
 }  // namespace
 
 // A macro layer, so that a test can build the plain paths under another namespace.
@@ -708,9 +832,13 @@ LAMINA_DEFINE_LIBRARY(LAMINA_NAMESPACE, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("bf16_packed_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, float scale) -> Tensor");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
   m.impl("bf16_packed_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_packed_linear));
   m.impl("paged_prefill_attention", c10::DispatchKey::CPU, TORCH_FN(paged_prefill_attention));
+  m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));
+  m.impl("add_rms_norm", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm));
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
 }

@@ -5,6 +5,7 @@
                       ("flash-decoding") kernel plus a reduction kernel
     rms_norm          fused (residual add +) RMSNorm, in float32 like the reference
     rotary_embedding  rotate-half RoPE, rounding like the reference so results match bit for bit
+(and `silu_and_mul`, torch's own: two elementwise ops a compiled step fuses anyway)
 
 Every op reads its operands through strides, so views such as the q/k/v slices of a fused qkv
 projection need no copy. No op syncs with the host: grid sizes come from the python ints in
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from lamina.kernels import AttentionMetadata
+from lamina.kernels.reference import silu_and_mul  # noqa: F401
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) == exp2(x * log2(e))
 

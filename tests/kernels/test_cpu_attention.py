@@ -47,6 +47,12 @@ def test_decode_attention_matches_reference(seq_lens, heads, kv_heads, head_dim,
     got = cpu.paged_attention(q, k_cache, v_cache, md, scale)
     assert got.shape == q.shape and got.dtype == q.dtype
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # a bf16 q (what a bf16 model has): on a bf16 cache its scores come from bf16 pairs
+    qb = q.to(torch.bfloat16)
+    ref = reference.paged_attention(qb.float(), k_cache.float(), v_cache.float(), md, scale)
+    got = torch.ops.lamina.paged_decode_attention(qb, k_cache, v_cache, md.block_tables, md.seq_lens, scale)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def _prefill_case(new_tokens, cached, heads, kv_heads, head_dim, block_size=16, seed=0):
