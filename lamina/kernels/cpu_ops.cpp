@@ -493,13 +493,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 //
 // A task is one KV head of up to kQueryTile new tokens of one sequence: its query heads (GQA) and
 // tokens form the rows of one tile, so each key and value is read once for all of them. Per chunk
-// of kKeyChunk keys: the keys are transposed into VDPBF16PS's layout (2 dims x 32 keys per pair of
-// loads) and the scores come out of bf16 pairs exactly, as float32; the values are widened to
-// float32 and the probabilities stay float32 (rounding them to bf16 would cost accuracy).
+// of kKeyChunk keys: the keys are transposed into VDPBF16PS's layout (2 dims of 16 keys per
+// load) and the scores come out of bf16 pairs exactly, as float32; the softmax runs in float32 and
+// the probabilities meet the values as bf16 pairs too (as in flash attention's bf16 kernels).
 // Tasks are spread over the threads longest first, since causal tiles differ in length.
 
-constexpr int64_t kQueryTile = 16;
-constexpr int64_t kKeyChunk = 32;
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kKeyChunk = 64;
 
 struct PrefillTask {
   int64_t seq, kv_head, first, count;  // new tokens [first, first + count) of the sequence
@@ -533,41 +533,45 @@ void prefill_tile_plain(const uint16_t* qrows, int64_t R, int64_t group, int64_t
 }
 
 #if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
-// s[RB][32] = q[RB] . keys, from kt [D/2][32] pairs of dims of 32 keys
+constexpr int kKeyGroups = kKeyChunk / 16;  // 16-lane groups of keys per chunk
+
+// s[RB][kKeyChunk] = q[RB] . keys, from kt [D/2][kKeyChunk] pairs of dims of each key
 template <int RB>
 void chunk_scores(const uint16_t* q, const uint32_t* kt, int64_t D, float* s) {
-  __m512 acc[RB][2];
-  for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  __m512 acc[RB][kKeyGroups];
+  for (int r = 0; r < RB; r++)
+    for (int c = 0; c < kKeyGroups; c++) acc[r][c] = _mm512_setzero_ps();
   for (int64_t dp = 0; dp < D / 2; dp++) {
-    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + dp * 32), k1 = (__m512bh)_mm512_loadu_si512(kt + dp * 32 + 16);
+    __m512bh k[kKeyGroups];
+    for (int c = 0; c < kKeyGroups; c++) k[c] = (__m512bh)_mm512_loadu_si512(kt + dp * kKeyChunk + 16 * c);
     for (int r = 0; r < RB; r++) {
       int32_t pair;
       std::memcpy(&pair, q + r * D + 2 * dp, 4);
       const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qv, k0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qv, k1);
+      for (int c = 0; c < kKeyGroups; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qv, k[c]);
     }
   }
-  for (int r = 0; r < RB; r++) {
-    _mm512_storeu_ps(s + r * 32, acc[r][0]);
-    _mm512_storeu_ps(s + r * 32 + 16, acc[r][1]);
-  }
+  for (int r = 0; r < RB; r++)
+    for (int c = 0; c < kKeyGroups; c++) _mm512_storeu_ps(s + r * kKeyChunk + 16 * c, acc[r][c]);
 }
 
-// o[RB][16 NV] = o * alpha + p[RB][:len] . vf[:len]
+// o[RB][16 NV] = o * alpha + p[RB][:len] . v[:len], from bf16 pairs of probabilities and of values
+// of two consecutive keys (vp [len/2][16 NV][2])
 template <int RB, int NV>
-void chunk_values(const float* p, const float* alpha, const float* vf, int64_t len, float* o) {
+void chunk_values(const uint16_t* p, const float* alpha, const uint16_t* vp, int64_t len, float* o) {
   __m512 acc[RB][NV];
   for (int r = 0; r < RB; r++) {
     const __m512 a = _mm512_set1_ps(alpha[r]);
     for (int j = 0; j < NV; j++) acc[r][j] = _mm512_mul_ps(a, _mm512_loadu_ps(o + r * NV * 16 + j * 16));
   }
-  for (int64_t t = 0; t < len; t++) {
-    __m512 vv[NV];
-    for (int j = 0; j < NV; j++) vv[j] = _mm512_loadu_ps(vf + t * NV * 16 + j * 16);
+  for (int64_t tp = 0; tp < (len + 1) / 2; tp++) {
+    __m512bh vv[NV];
+    for (int j = 0; j < NV; j++) vv[j] = (__m512bh)_mm512_loadu_si512(vp + (tp * NV * 16 + j * 16) * 2);
     for (int r = 0; r < RB; r++) {
-      const __m512 pr = _mm512_set1_ps(p[r * 32 + t]);
-      for (int j = 0; j < NV; j++) acc[r][j] = _mm512_fmadd_ps(pr, vv[j], acc[r][j]);
+      int32_t pair;
+      std::memcpy(&pair, p + r * kKeyChunk + 2 * tp, 4);
+      const __m512bh pr = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NV; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pr, vv[j]);
     }
   }
   for (int r = 0; r < RB; r++)
@@ -575,24 +579,26 @@ void chunk_values(const float* p, const float* alpha, const float* vf, int64_t l
 }
 
 template <int RB, int NV>
-void values_rows(const float* p, const float* alpha, const float* vf, int64_t len, float* o, int64_t R) {
+void values_rows(const uint16_t* p, const float* alpha, const uint16_t* vp, int64_t len, float* o, int64_t R) {
   int64_t r = 0;
-  for (; r + RB <= R; r += RB) chunk_values<RB, NV>(p + r * 32, alpha + r, vf, len, o + r * NV * 16);
-  for (; r < R; r++) chunk_values<1, NV>(p + r * 32, alpha + r, vf, len, o + r * NV * 16);
+  for (; r + RB <= R; r += RB) chunk_values<RB, NV>(p + r * kKeyChunk, alpha + r, vp, len, o + r * NV * 16);
+  for (; r < R; r++) chunk_values<1, NV>(p + r * kKeyChunk, alpha + r, vp, len, o + r * NV * 16);
 }
 
 struct TileScratch {
   std::vector<uint32_t> kt;
-  std::vector<float> vf, s, m, l, alpha;
+  std::vector<uint16_t> vp, p;
+  std::vector<float> s, m, l, alpha;
 };
 
 template <typename Row>
 void prefill_tile(const uint16_t* qrows, int64_t R, int64_t group, int64_t ctx0, const Row& row,
                   const uint16_t* k_cache, const uint16_t* v_cache, int64_t D, float scale, float* o,
                   TileScratch& w) {
-  w.kt.resize(D / 2 * 32);
-  w.vf.resize(kKeyChunk * D);
-  w.s.resize(R * 32);
+  w.kt.resize(D / 2 * kKeyChunk);
+  w.vp.resize(kKeyChunk * D);
+  w.s.resize(R * kKeyChunk);
+  w.p.resize(R * kKeyChunk);
   w.m.assign(R, -INFINITY);
   w.l.assign(R, 0.f);
   w.alpha.resize(R);
@@ -601,40 +607,53 @@ void prefill_tile(const uint16_t* qrows, int64_t R, int64_t group, int64_t ctx0,
   for (int64_t t0 = 0; t0 < end; t0 += kKeyChunk) {
     const int64_t len = std::min(kKeyChunk, end - t0);
     std::fill(w.kt.begin(), w.kt.end(), 0u);
+    if (len % 2) std::fill(w.vp.begin(), w.vp.end(), uint16_t(0));  // the odd key's partner
     for (int64_t t = 0; t < len; t++) {
       const uint16_t* k = row(k_cache, t0 + t);
       const uint16_t* v = row(v_cache, t0 + t);
-      for (int64_t dp = 0; dp < D / 2; dp++) std::memcpy(&w.kt[dp * 32 + t], k + 2 * dp, 4);
-      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(&w.vf[t * D + d], load16(v + d));
+      for (int64_t dp = 0; dp < D / 2; dp++) std::memcpy(&w.kt[dp * kKeyChunk + t], k + 2 * dp, 4);
+      uint16_t* vp = w.vp.data() + (t / 2) * D * 2 + t % 2;
+      for (int64_t d = 0; d < D; d++) vp[2 * d] = v[d];
     }
     // the rows that see any key of this chunk: all but the first few tokens' on the first chunks
     const int64_t first_token = std::max<int64_t>(0, t0 - ctx0);
     const int64_t r0 = first_token * group;
     int64_t r = r0;
-    for (; r + 6 <= R; r += 6) chunk_scores<6>(qrows + r * D, w.kt.data(), D, w.s.data() + r * 32);
-    for (; r < R; r++) chunk_scores<1>(qrows + r * D, w.kt.data(), D, w.s.data() + r * 32);
+    for (; r + 6 <= R; r += 6) chunk_scores<6>(qrows + r * D, w.kt.data(), D, w.s.data() + r * kKeyChunk);
+    for (; r < R; r++) chunk_scores<1>(qrows + r * D, w.kt.data(), D, w.s.data() + r * kKeyChunk);
+    const __m512 neg = _mm512_set1_ps(-INFINITY), vs = _mm512_set1_ps(scale), floor = _mm512_set1_ps(-87.f);
     for (r = r0; r < R; r++) {
       const int64_t visible = std::min(len, ctx0 + r / group + 1 - t0);  // causal: keys up to the row's position
-      float* s = w.s.data() + r * 32;
-      const __mmask16 m0 = visible >= 16 ? 0xffff : __mmask16((1u << visible) - 1);
-      const __mmask16 m1 = visible >= 32 ? 0xffff : visible <= 16 ? 0 : __mmask16((1u << (visible - 16)) - 1);
-      const __m512 neg = _mm512_set1_ps(-INFINITY), vs = _mm512_set1_ps(scale);
-      const __m512 s0 = _mm512_mask_mul_ps(neg, m0, _mm512_loadu_ps(s), vs);
-      const __m512 s1 = _mm512_mask_mul_ps(neg, m1, _mm512_loadu_ps(s + 16), vs);
-      const float mx = std::max(w.m[r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-      const __m512 vmx = _mm512_set1_ps(mx), floor = _mm512_set1_ps(-87.f);
-      const __m512 e0 = _mm512_maskz_mov_ps(m0, exp16(_mm512_max_ps(_mm512_sub_ps(s0, vmx), floor)));
-      const __m512 e1 = _mm512_maskz_mov_ps(m1, exp16(_mm512_max_ps(_mm512_sub_ps(s1, vmx), floor)));
-      _mm512_storeu_ps(s, e0);
-      _mm512_storeu_ps(s + 16, e1);
+      float* s = w.s.data() + r * kKeyChunk;
+      __m512 sc[kKeyGroups];
+      __mmask16 mask[kKeyGroups];
+      __m512 vmax = neg;
+      for (int c = 0; c < kKeyGroups; c++) {
+        const int64_t n = std::clamp<int64_t>(visible - 16 * c, 0, 16);
+        mask[c] = __mmask16((1u << n) - 1);
+        sc[c] = _mm512_mask_mul_ps(neg, mask[c], _mm512_loadu_ps(s + 16 * c), vs);
+        vmax = _mm512_max_ps(vmax, sc[c]);
+      }
+      const float mx = std::max(w.m[r], _mm512_reduce_max_ps(vmax));
+      const __m512 vmx = _mm512_set1_ps(mx);
+      __m512 vsum = _mm512_setzero_ps();
+      uint16_t* pr = w.p.data() + r * kKeyChunk;
+      for (int c = 0; c < kKeyGroups; c++) {
+        const __m512 e = _mm512_maskz_mov_ps(mask[c], exp16(_mm512_max_ps(_mm512_sub_ps(sc[c], vmx), floor)));
+        // the probabilities go into the values' products as bf16 (as in flash attention's bf16
+        // kernels); the denominator sums the same rounded values, so the weights sum to one
+        const __m256bh eb = _mm512_cvtneps_pbh(e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * c), (__m256i)eb);
+        vsum = _mm512_add_ps(vsum, _mm512_cvtpbh_ps(eb));
+      }
       w.alpha[r] = std::exp(w.m[r] - mx);  // 0 on the first chunk (m = -inf)
-      w.l[r] = w.l[r] * w.alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+      w.l[r] = w.l[r] * w.alpha[r] + _mm512_reduce_add_ps(vsum);
       w.m[r] = mx;
     }
     float* orows = o + r0 * D;
-    const float* p = w.s.data() + r0 * 32;
-    if (D == 64) values_rows<6, 4>(p, w.alpha.data() + r0, w.vf.data(), len, orows, R - r0);
-    else values_rows<3, 8>(p, w.alpha.data() + r0, w.vf.data(), len, orows, R - r0);  // D == 128
+    const uint16_t* p = w.p.data() + r0 * kKeyChunk;
+    if (D == 64) values_rows<6, 4>(p, w.alpha.data() + r0, w.vp.data(), len, orows, R - r0);
+    else values_rows<3, 8>(p, w.alpha.data() + r0, w.vp.data(), len, orows, R - r0);  // D == 128
   }
   for (int64_t r = 0; r < R; r++) {
     const float inv = 1.f / w.l[r];

@@ -85,8 +85,9 @@ def _check_prefill(ops, case):
     ref = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), md, scale)
     got = ops.paged_prefill_attention(q, k_cache, v_cache, md.block_tables, md.query_start_loc, md.seq_lens, scale)
     assert got.shape == q.shape and got.dtype == torch.bfloat16
-    # float32 math throughout; the output is rounded to bf16 once (half a step: 2^-9 relative)
-    torch.testing.assert_close(got.float(), ref, rtol=2 ** -8, atol=1e-3)
+    # scores and softmax in float32; the probabilities meet the values as bf16 (2^-9 relative each,
+    # as in flash attention's bf16 kernels) and the output is rounded to bf16 once
+    torch.testing.assert_close(got.float(), ref, rtol=2 ** -8, atol=4e-3)
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES)
@@ -109,7 +110,7 @@ def test_backend_routes_prefill_by_dtype_and_is_the_cpu_default():
     q, k_cache, v_cache, md = _prefill_case([40], [8], 6, 2, 64)
     torch.testing.assert_close(cpu.paged_attention(q, k_cache, v_cache, md, 0.2).float(),
                                reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), md, 0.2),
-                               rtol=2 ** -8, atol=1e-3)
+                               rtol=2 ** -8, atol=4e-3)
     for dtype, head_dim in ((torch.float32, 64), (torch.bfloat16, 32)):
         q, k_cache, v_cache, md = _prefill_case([40], [8], 4, 2, head_dim)
         q, k_cache, v_cache = q.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
