@@ -62,11 +62,16 @@ class ModelRunner:
         self.k_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
-        self.compiled_forward = None
+        self.compiled_forward = self.compiled_prefill = None
         from lamina.kernels import cpu as cpu_backend
-        self.compiled_max_batch = None if self.model.layers[0].self_attn.ops is cpu_backend else COMPILED_MAX_BATCH
+        cpu_ops = self.model.layers[0].self_attn.ops is cpu_backend
+        self.compiled_max_batch = None if cpu_ops else COMPILED_MAX_BATCH
         if use_compile(config, self.device):
             self._compile_decode()
+            # prefill (and mixed) steps too, where their attention is one C++ op (bf16) rather
+            # than the reference's loop over sequences
+            if cpu_ops and self.dtype == self.kv_dtype == torch.bfloat16 and cfg.head_dim in (64, 128):
+                self._compile_prefill()
 
     def _kv_cache_dtype(self, name: str) -> torch.dtype:
         """'auto': the model's dtype, except float32 on CPU with the torch backend, whose decode
@@ -172,7 +177,30 @@ class ModelRunner:
                     torch._dynamo.mark_dynamic(t, 0)
                 torch._dynamo.mark_dynamic(md.query_start_loc, 0)
             return self.compiled_forward(input_ids, positions, md)
+        if self.compiled_prefill is not None and not md.is_decode:
+            # one graph for every prefill batch: at least 2 sequences (an empty one pads a single
+            # prompt) and 2 tokens (max_query_len > 1), so no size is ever 0 or 1 (which torch
+            # specializes); logits are taken outside, since how many rows want them varies from 0 up
+            run = md if md.num_seqs > 1 else self._with_empty_sequence(md)
+            for t in (input_ids, positions, md.slot_mapping, run.seq_lens, run.query_start_loc):
+                torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(run.block_tables, 0)
+            torch._dynamo.mark_dynamic(run.block_tables, 1)
+            x, residual = self.compiled_prefill(input_ids, positions, run)
+            return self.model.compute_logits(x, residual, md)
         return self.model(input_ids, positions, md)
+
+    @staticmethod
+    def _with_empty_sequence(md: AttentionMetadata) -> AttentionMetadata:
+        """md plus a sequence with no tokens: attention skips it; the batch then has 2 sequences.
+        Built as normal tensors, like prepare()'s (inference tensors would fail the graph's guards)."""
+        with torch.inference_mode(False):
+            return AttentionMetadata(
+                query_start_loc=torch.cat([md.query_start_loc, md.query_start_loc[-1:]]),
+                seq_lens=torch.cat([md.seq_lens, md.seq_lens.new_zeros(1)]),
+                block_tables=torch.cat([md.block_tables, md.block_tables.new_zeros(1, md.block_tables.shape[1])]),
+                slot_mapping=md.slot_mapping, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
+                logits_indices=md.logits_indices)
 
     # -- torch.compile -----------------------------------------------------------------------------
     def _compile_decode(self) -> None:
@@ -182,12 +210,7 @@ class ModelRunner:
         # on 2 cores) are dropped; the guards on the step's own inputs remain.
         # That is only safe while one compiled graph never serves another model: Dynamo keeps its
         # graphs per code object, so this engine compiles its own copy of the forward's code.
-        forward = type(self.model).forward
-        own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__,
-                                 forward.__defaults__, forward.__closure__)
-        self.compiled_forward = torch.compile(
-            types.MethodType(own, self.model),
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self.compiled_forward = self._compile(type(self.model).forward)
         log.info("compiling the decode step with torch.compile (minutes the first time, cached after; "
                  "--enforce-eager skips it)")
         start = time.perf_counter()
@@ -206,6 +229,28 @@ class ModelRunner:
                          torch.zeros(batch, dtype=torch.long, device=dev), md)
         log.info("compiled the decode step (batches 1 and 2..%s) in %.1f s", self.compiled_max_batch or "any",
                  time.perf_counter() - start)
+
+    def _compile(self, method):
+        """torch.compile of this engine's own copy of one of the model's methods (see above)."""
+        own = types.FunctionType(method.__code__.replace(), method.__globals__, method.__name__,
+                                 method.__defaults__, method.__closure__)
+        return torch.compile(types.MethodType(own, self.model),
+                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    def _compile_prefill(self) -> None:
+        self.compiled_prefill = self._compile(type(self.model).hidden_states)
+        start = time.perf_counter()
+        dev = self.device
+        # 3 dummy tokens of one sequence at slots 0-2 of block 0 (overwritten before anything reads
+        # them, as in _compile_decode)
+        md = AttentionMetadata(
+            query_start_loc=torch.tensor([0, 3], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([3], dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(1, 2, dtype=torch.int32, device=dev),
+            slot_mapping=torch.arange(3, dtype=torch.int64, device=dev),
+            max_query_len=3, max_seq_len=3, logits_indices=torch.tensor([2], device=dev))
+        self.forward(torch.zeros(3, dtype=torch.long, device=dev), torch.arange(3, device=dev), md)
+        log.info("compiled the prefill step in %.1f s", time.perf_counter() - start)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -15,7 +15,7 @@ CUDA, and on CPU cpu (or torch, where the C++ kernels are unavailable).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
@@ -36,14 +36,16 @@ class AttentionMetadata:
     max_query_len: int              # longest run of new tokens (1 for a pure decode batch)
     max_seq_len: int                # longest seq_len
     logits_indices: torch.Tensor | None = None  # rows whose logits are wanted; None = all rows
+    # a stored bool, not a property: a compiled step then guards on it alone, where reading
+    # max_query_len would specialize the graph on that int
+    is_decode: bool = field(init=False)
+
+    def __post_init__(self):
+        self.is_decode = self.max_query_len == 1
 
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
-
-    @property
-    def is_decode(self) -> bool:
-        return self.max_query_len == 1
 
 
 def get_backend(name: str | None = None, device: torch.device | str = "cpu") -> ModuleType:

@@ -142,10 +142,17 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]. Returns float32 logits for the rows in md.logits_indices."""
+        return self.compute_logits(*self.hidden_states(input_ids, positions, md), md)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata):
+        """The decoder layers over all T rows: (last layer's output, residual stream)."""
         x = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.cos_sin_cache, md)
+        return x, residual
+
+    def compute_logits(self, x: torch.Tensor, residual: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         if md.logits_indices is not None:
             x, residual = x[md.logits_indices], residual[md.logits_indices]
         x, _ = self.norm(x, residual)

@@ -57,3 +57,37 @@ def test_two_compiled_engines_in_one_process_keep_their_own_graphs(tiny_model_di
         eager = run(make_engine(model_dir, enforce_eager=True), prompts, params)
         for a, b in zip(eager, run(engine, prompts, params)):
             assert_greedy_agree(a, b)
+
+
+@pytest.mark.slow
+def test_compiled_prefill_matches_eager_and_never_recompiles(tmp_path):
+    """bf16 on the cpu backend: prefill and mixed steps run one compiled graph for every batch
+    (single prompts padded with an empty sequence, chunks, decode rows alongside)."""
+    from tests.utils import save_tiny_hf_model
+    model_dir = str(tmp_path / "head-dim-64")
+    save_tiny_hf_model(model_dir, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=256, max_position_embeddings=512)
+    prompts = random_prompts(12, seed=5, lo=3, hi=150)
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
+    eager = run(make_engine(model_dir, dtype="bfloat16", enforce_eager=True), prompts, params)
+    # a 64-token budget: long prompts arrive in chunks, beside other sequences' decode rows
+    engine = make_engine(model_dir, dtype="bfloat16", enforce_eager=False, max_num_batched_tokens=64)
+    runner = engine.runner
+    if runner.compiled_prefill is None:
+        pytest.skip("the cpu backend (lamina's C++ kernels) is not available here")
+    seen = {"calls": 0, "sizes": set()}
+    inner = runner.compiled_prefill
+
+    def counting(input_ids, positions, md):
+        seen["calls"] += 1
+        seen["sizes"].add(int(md.seq_lens.count_nonzero()))
+        return inner(input_ids, positions, md)
+
+    runner.compiled_prefill = counting
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = run(engine, prompts, params, stagger=2)
+        single = run(engine, prompts[:1], params)
+    assert seen["calls"] > 0 and 1 in seen["sizes"] and max(seen["sizes"]) >= 2
+    for a, b in zip(eager, compiled):
+        assert_greedy_agree(a, b)
+    assert_greedy_agree(eager[0], single[0])
