@@ -153,22 +153,31 @@ constexpr int kTileBlocks = 3;      // NB: 16-column blocks per register tile (8
 constexpr int64_t kChunkRows = 128; // rows per parallel task: a chunk of x stays in L2 across a strip
 
 #if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
+// The register tile behind every bf16 product here (the GEMM, attention's scores and its
+// weighted values): acc[R][NB] += a's rows times NB 16-lane blocks of b, one pair of the shared
+// dimension per step. Row r's pair p is a[r * lda + 2p, +1], broadcast; block j's pair p is the 32
+// bf16 at b + p * pair_stride + j * block_stride (16 outputs x the same pair).
+template <int R, int NB>
+inline void dpbf16_tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t pair_stride,
+                        int64_t block_stride, int64_t pairs, __m512 (&acc)[R][NB]) {
+  for (int64_t p = 0; p < pairs; p++) {
+    __m512bh bv[NB];
+    for (int j = 0; j < NB; j++) bv[j] = (__m512bh)_mm512_loadu_si512(b + p * pair_stride + j * block_stride);
+    for (int r = 0; r < R; r++) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NB; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+    }
+  }
+}
+
 template <int MR, int NB>
 void packed_tile(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* y, int64_t N) {
-  const int64_t block_stride = K * 16;  // elements between consecutive 16-column blocks
   __m512 acc[MR][NB];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t kp = 0; kp < K / 2; kp++) {
-    __m512i wv[NB];
-    for (int j = 0; j < NB; j++) wv[j] = _mm512_loadu_si512(w + j * block_stride + kp * 32);
-    for (int i = 0; i < MR; i++) {
-      int32_t pair;
-      std::memcpy(&pair, x + i * K + 2 * kp, 4);
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < NB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, (__m512bh)wv[j]);
-    }
-  }
+  dpbf16_tile<MR, NB>(x, K, w, 32, K * 16, K / 2, acc);
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NB; j++)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * N + j * 16), (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
@@ -541,16 +550,7 @@ void chunk_scores(const uint16_t* q, const uint32_t* kt, int64_t D, float* s) {
   __m512 acc[RB][kKeyGroups];
   for (int r = 0; r < RB; r++)
     for (int c = 0; c < kKeyGroups; c++) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t dp = 0; dp < D / 2; dp++) {
-    __m512bh k[kKeyGroups];
-    for (int c = 0; c < kKeyGroups; c++) k[c] = (__m512bh)_mm512_loadu_si512(kt + dp * kKeyChunk + 16 * c);
-    for (int r = 0; r < RB; r++) {
-      int32_t pair;
-      std::memcpy(&pair, q + r * D + 2 * dp, 4);
-      const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
-      for (int c = 0; c < kKeyGroups; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qv, k[c]);
-    }
-  }
+  dpbf16_tile<RB, kKeyGroups>(q, D, reinterpret_cast<const uint16_t*>(kt), 2 * kKeyChunk, 32, D / 2, acc);
   for (int r = 0; r < RB; r++)
     for (int c = 0; c < kKeyGroups; c++) _mm512_storeu_ps(s + r * kKeyChunk + 16 * c, acc[r][c]);
 }
@@ -564,16 +564,7 @@ void chunk_values(const uint16_t* p, const float* alpha, const uint16_t* vp, int
     const __m512 a = _mm512_set1_ps(alpha[r]);
     for (int j = 0; j < NV; j++) acc[r][j] = _mm512_mul_ps(a, _mm512_loadu_ps(o + r * NV * 16 + j * 16));
   }
-  for (int64_t tp = 0; tp < (len + 1) / 2; tp++) {
-    __m512bh vv[NV];
-    for (int j = 0; j < NV; j++) vv[j] = (__m512bh)_mm512_loadu_si512(vp + (tp * NV * 16 + j * 16) * 2);
-    for (int r = 0; r < RB; r++) {
-      int32_t pair;
-      std::memcpy(&pair, p + r * kKeyChunk + 2 * tp, 4);
-      const __m512bh pr = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < NV; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pr, vv[j]);
-    }
-  }
+  dpbf16_tile<RB, NV>(p, kKeyChunk, vp, NV * 32, 32, (len + 1) / 2, acc);
   for (int r = 0; r < RB; r++)
     for (int j = 0; j < NV; j++) _mm512_storeu_ps(o + r * NV * 16 + j * 16, acc[r][j]);
 }
