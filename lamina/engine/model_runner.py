@@ -47,10 +47,10 @@ class ModelRunner:
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model = load_model(model_dir, config.dtype, self.device, config.attention_backend, max_model_len)
-        from lamina.models.quant import quantize_model, use_cpu_gemv
+        from lamina.models.quant import quantize_model, use_cpu_gemm
         if config.quantization:
             quantize_model(self.model, config.quantization)
-        use_cpu_gemv(self.model)  # what is left in bf16 on CPU
+        use_cpu_gemm(self.model)  # what is left in bf16 on CPU
         self.dtype = self.model.dtype
         self.kv_dtype = self._kv_cache_dtype(config.kv_cache_dtype)
         self.block_size = config.block_size

@@ -15,8 +15,9 @@ The ops, registered in torch.ops.lamina:
                                             q [T, Hq, D] bf16, caches bf16, D 64 or 128 (causal)
     silu_and_mul(x)                         x [T, 2I] bf16 -> silu(x[:, :I]) * x[:, I:]
     add_rms_norm(x, residual, weight, eps)  bf16 -> (RMSNorm(x + residual) * weight, x + residual)
-As an attention backend (kernels/__init__.py), this module is `reference` with decode attention in
-C++: it reads the paged cache in place, where the torch path gathers a padded copy first.
+As an attention backend (kernels/__init__.py), this module is `reference` with C++ where it applies:
+paged decode attention and (bf16) prefill attention, which read the cache in place where the torch
+path gathers a padded copy first, and SwiGLU and residual-add RMSNorm for eager bf16 steps.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Decoding a small model is bound by how many weight bytes each token reads.
   bytes, plus the scales). This is the grid of llama.cpp's Q4_1, so the default model, shipped as
   Q4_1, is reproduced almost exactly (its blocks' min and max land back on the same grid). The
   lm_head stays int8.
-- bf16 weights on CPU keep their bytes but are packed once for lamina's GEMM (`use_cpu_gemv`),
+- bf16 weights on CPU keep their bytes but are packed once for lamina's GEMM (`use_cpu_gemm`),
   which beats torch's matmul at every row count on a 2-core Zen 4 (`python bench/gemv.py`).
 On CPU, few rows (decode) of int8 layers go to lamina's C++ GEMV; int4 layers use torch's packed
 int4 kernel, which lamina's own int4 kernel did not beat. Many rows (prefill) dequantize the weight
@@ -147,7 +147,7 @@ class Bf16Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def use_cpu_gemv(model: nn.Module) -> bool:
+def use_cpu_gemm(model: nn.Module) -> bool:
     """Route a bf16 CPU model's matmuls to lamina's C++ GEMM. False (nothing changed) where the
     kernels are unavailable."""
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and Bf16Linear.fits(m)]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lamina.kernels import cpu
-from lamina.models.quant import INT8_DEQUANT_MIN_ROWS, Bf16Linear, Int8Linear, pack_bf16, use_cpu_gemv
+from lamina.models.quant import INT8_DEQUANT_MIN_ROWS, Bf16Linear, Int8Linear, pack_bf16, use_cpu_gemm
 
 pytestmark = pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build lamina's CPU kernels")
 
@@ -148,12 +148,12 @@ def test_bf16_linear_fits_only_packable_bf16_layers():
     assert not Bf16Linear.fits(nn.Linear(64, 32))                      # float32
     model = nn.ModuleDict({"odd": nn.Linear(64, 40).to(torch.bfloat16), "fp32": nn.Linear(64, 32),
                            "ok": nn.Linear(64, 32).to(torch.bfloat16)})
-    assert use_cpu_gemv(model)
+    assert use_cpu_gemm(model)
     assert type(model["odd"]) is nn.Linear and type(model["fp32"]) is nn.Linear
     assert isinstance(model["ok"], Bf16Linear)
     # nothing that fits: nothing changes
     rest = nn.ModuleDict({"odd": nn.Linear(64, 40).to(torch.bfloat16), "fp32": nn.Linear(64, 32)})
-    assert not use_cpu_gemv(rest)
+    assert not use_cpu_gemm(rest)
     assert type(rest["odd"]) is nn.Linear and type(rest["fp32"]) is nn.Linear
 
 
@@ -167,7 +167,7 @@ def test_int8_linear_module_agrees_for_few_and_many_rows():
     torch.testing.assert_close(q(x).float(), ref, rtol=0, atol=tol)           # dequantize + matmul
 
 
-def test_use_cpu_gemv_with_a_tied_lm_head():
+def test_use_cpu_gemm_with_a_tied_lm_head():
     """A tied lm_head gets its own packed copy; the embedding keeps its weight and still works."""
     torch.manual_seed(2)
     emb = nn.Embedding(64, 32).to(torch.bfloat16)
@@ -182,7 +182,7 @@ def test_use_cpu_gemv_with_a_tied_lm_head():
     ids = torch.tensor([[3, 17, 63, 0, 41]])
     with torch.no_grad():
         before_emb, before = model["embed"](ids).clone(), forward(ids)
-        assert use_cpu_gemv(model)
+        assert use_cpu_gemm(model)
         assert isinstance(model["proj"], Bf16Linear) and isinstance(model["head"], Bf16Linear)
         assert model["embed"] is emb and emb.weight is weight
         torch.testing.assert_close(model["head"].packed, pack_bf16(weight), rtol=0, atol=0)
@@ -198,7 +198,7 @@ def test_switched_off_by_env(monkeypatch):
     lin = nn.Linear(64, 16).to(torch.bfloat16)
     assert Bf16Linear.fits(lin)
     model = nn.Sequential(lin)
-    assert not use_cpu_gemv(model) and model[0] is lin
+    assert not use_cpu_gemm(model) and model[0] is lin
     assert not Int8Linear(lin).use_gemv
 
 
