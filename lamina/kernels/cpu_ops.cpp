@@ -328,6 +328,9 @@ void weighted_values(const float* p, int64_t len, const Row& row, const T* v_cac
     for (int j = 0; j < NV; j++) acc[h][j] = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; t++) {
     const T* v = row(v_cache, t);
+    if (t + 16 < len)  // as for the keys: a later block may be anywhere
+      for (size_t j = 0; j < NV * 16 * sizeof(T); j += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row(v_cache, t + 16)) + j, _MM_HINT_T0);
     __m512 vv[NV];
     for (int j = 0; j < NV; j++) vv[j] = load16(v + 16 * j);
     for (int h = 0; h < H; h++) {
@@ -370,7 +373,10 @@ void attend(const float* q, const uint16_t* qb, const T* k_cache, const T* v_cac
   // q in bf16 too (qb: it came out of a bf16 projection): VDPBF16PS takes the pairs as they are
   if constexpr (std::is_same_v<T, uint16_t>)
     if (qb != nullptr)
-      for (; t0 + 16 <= len; t0 += 16)
+      for (; t0 + 16 <= len; t0 += 16) {
+        // the next 16 keys may sit in another block anywhere in the cache: start fetching them
+        for (int64_t i = t0 + 16; i < std::min(t0 + 32, len); i++)
+          for (int64_t j = 0; j < D * 2; j += 64) _mm_prefetch(reinterpret_cast<const char*>(row(k_cache, i)) + j, _MM_HINT_T0);
         for (int64_t g = 0; g < group; g++) {
           __m512 part[16];
           for (int i = 0; i < 16; i++) {
@@ -382,6 +388,7 @@ void attend(const float* q, const uint16_t* qb, const T* k_cache, const T* v_cac
           }
           _mm512_storeu_ps(scores.data() + g * len + t0, _mm512_mul_ps(_mm512_set1_ps(scale), sum_each(part)));
         }
+      }
 #endif
 #ifdef LAMINA_AVX512
   if (D % 16 == 0 && D <= 256)
