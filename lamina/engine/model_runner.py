@@ -52,6 +52,8 @@ class ModelRunner:
             quantize_model(self.model, config.quantization)
         use_cpu_gemm(self.model)  # what is left in bf16 on CPU
         self.dtype = self.model.dtype
+        from lamina.kernels import cpu as cpu_backend
+        self.cpu_ops = self.model.layers[0].self_attn.ops is cpu_backend  # the C++ attention backend
         self.kv_dtype = self._kv_cache_dtype(config.kv_cache_dtype)
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
@@ -63,14 +65,12 @@ class ModelRunner:
         self.v_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
         self.compiled_forward = self.compiled_prefill = None
-        from lamina.kernels import cpu as cpu_backend
-        cpu_ops = self.model.layers[0].self_attn.ops is cpu_backend
-        self.compiled_max_batch = None if cpu_ops else COMPILED_MAX_BATCH
+        self.compiled_max_batch = None if self.cpu_ops else COMPILED_MAX_BATCH
         if use_compile(config, self.device):
             self._compile_decode()
             # prefill (and mixed) steps too, where their attention is one C++ op (bf16) rather
             # than the reference's loop over sequences
-            if cpu_ops and self.dtype == self.kv_dtype == torch.bfloat16 and cfg.head_dim in (64, 128):
+            if self.cpu_ops and self.dtype == self.kv_dtype == torch.bfloat16 and cfg.head_dim in cpu_backend.PREFILL_HEAD_DIMS:
                 self._compile_prefill()
 
     def _kv_cache_dtype(self, name: str) -> torch.dtype:
@@ -78,9 +78,7 @@ class ModelRunner:
         attention runs several times faster on a float32 cache. The cpu backend's C++ decode reads
         bf16 directly (half the bytes), and K/V come out of bf16 projections, so nothing is lost."""
         if name == "auto":
-            from lamina.kernels import cpu as cpu_backend
-            cpu_ops = self.model.layers[0].self_attn.ops is cpu_backend
-            return torch.float32 if self.device.type == "cpu" and not cpu_ops else self.dtype
+            return torch.float32 if self.device.type == "cpu" and not self.cpu_ops else self.dtype
         from lamina.models.loader import DTYPES
         if name not in DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {name!r}; choose auto, float32, bfloat16 or float16")

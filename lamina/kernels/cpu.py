@@ -137,10 +137,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return reference.silu_and_mul(x)
 
 
+PREFILL_HEAD_DIMS = (64, 128)  # what paged_prefill_attention is built for
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md, scale: float) -> torch.Tensor:
     """reference.paged_attention, in C++: decode batches, and prefill on a bf16 cache."""
     if not md.is_decode:
-        if q.dtype == k_cache.dtype == torch.bfloat16 and q.shape[-1] in (64, 128):
+        if q.dtype == k_cache.dtype == torch.bfloat16 and q.shape[-1] in PREFILL_HEAD_DIMS:
             return torch.ops.lamina.paged_prefill_attention(q, k_cache, v_cache, md.block_tables,
                                                             md.query_start_loc, md.seq_lens, scale)
         return reference.paged_attention(q, k_cache, v_cache, md, scale)
