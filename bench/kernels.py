@@ -4,7 +4,9 @@ For each case it prints the time, the achieved memory bandwidth (GB/s: the bytes
 least read and write, over its time) and, for attention, the speed-up against the best of torch's
 `scaled_dot_product_attention` on the same K/V laid out densely per sequence (the ideal a paged
 kernel competes with: SDPA needs no block table) and against lamina's torch reference op (which
-gathers the paged cache first). Times are medians of `triton.testing.do_bench`.
+gathers the paged cache first). Times are medians of `triton.testing.do_bench` (eager calls, each
+paying Python's and the launch's overhead), and for decode also of `do_bench_cudagraph` (the same
+call replayed from a CUDA graph, as lamina's decode steps run: the kernels' own time).
 
     python bench/kernels.py                            # all sections, Llama-3-8B attention shape, bf16
     python bench/kernels.py --only decode --kv-heads 8 --heads 32 --head-dim 128
@@ -46,6 +48,15 @@ def timeit(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def timeit_graph(fn) -> float | None:
+    """Seconds per call replayed from a CUDA graph: the kernels' own time, without the Python and
+    launch overhead that an eager call pays (and lamina's decode steps, which replay graphs, don't)."""
+    if not torch.cuda.is_available():
+        return None
+    import triton.testing
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e-3
 
 
 def fmt_row(cells, widths):
@@ -131,6 +142,7 @@ def bench_decode(ops, args, device):
             q, k_cache, v_cache, md, k_dense, v_dense = paged_batch(batch, ctx - 1, 1, args, device)
             moved = kv_bytes + 2 * q.numel() * esize
             t_tri = timeit(lambda: ops.paged_attention(q, k_cache, v_cache, md, scale))
+            t_graph = timeit_graph(lambda: ops.paged_attention(q, k_cache, v_cache, md, scale))
             t_ref = timeit(lambda: reference.paged_attention(q, k_cache, v_cache, md, scale))
             err = max_error(ops.paged_attention(q, k_cache, v_cache, md, scale),
                             reference.paged_attention(q, k_cache, v_cache, md, scale))
@@ -138,6 +150,8 @@ def bench_decode(ops, args, device):
             t_sdpa = sdpa_best(q.view(batch, 1, args.heads, -1).transpose(1, 2), k_dense, v_dense, scale,
                                ctx - 1, expand=(2 + group) * kv_bytes <= budget)
             rows.append([batch, ctx, f"{t_tri * 1e6:.1f}", f"{moved / t_tri / 1e9:.0f}",
+                         "-" if t_graph is None else f"{t_graph * 1e6:.1f}",
+                         "-" if t_graph is None else f"{moved / t_graph / 1e9:.0f}",
                          f"{t_sdpa * 1e6:.1f}", f"{moved / t_sdpa / 1e9:.0f}", f"{t_sdpa / t_tri:.2f}x",
                          f"{t_ref / t_tri:.2f}x", f"{err:.1e}"])
             del q, k_cache, v_cache, md, k_dense, v_dense
@@ -145,7 +159,7 @@ def bench_decode(ops, args, device):
                 torch.cuda.empty_cache()
     print_table(f"decode attention ({args.heads}/{args.kv_heads} heads, head_dim {args.head_dim}, "
                 f"block {args.block_size}, {args.dtype_name})",
-                ["batch", "ctx", "triton us", "GB/s", "sdpa us", "GB/s", "vs sdpa", "vs torch ref", "max err"], rows)
+                ["batch", "ctx", "triton us", "GB/s", "in graph us", "GB/s", "sdpa us", "GB/s", "vs sdpa", "vs torch ref", "max err"], rows)
 
 
 def bench_prefill(ops, args, device):

@@ -46,9 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", choices=["torch", "cpu", "triton"], default=None,
                    help="kernels: triton on CUDA, cpu (torch + C++ decode attention) on CPU by default ($LAMINA_ATTENTION_BACKEND)")
     g.add_argument("--compile", dest="enforce_eager", action="store_false", default=None,
-                   help="torch.compile the decode step (default on CPU; on CUDA only with this flag)")
+                   help="torch.compile the model step (the default on CPU; ignored on CUDA, where decode replays CUDA graphs)")
     g.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
-                   help="no torch.compile: faster start, slower small-batch decode ($LAMINA_ENFORCE_EAGER=1)")
+                   help="no torch.compile on CPU, no CUDA graphs on GPU: faster start, slower small-batch decode ($LAMINA_ENFORCE_EAGER=1)")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     g.add_argument("--log-stats-interval", type=float, default=0.0,

@@ -67,10 +67,10 @@ class PagedRunner:
 
     def __init__(self, model, num_blocks: int = 64, block_size: int = 16):
         cfg = model.config
-        dtype = next(model.parameters()).dtype
+        dtype, self.device = next(model.parameters()).dtype, next(model.parameters()).device
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         model.bind_kv_caches(self.k, self.v)
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         self.next_block = 0
@@ -100,14 +100,15 @@ class PagedRunner:
             seq_lens.append(self.lens[sid])
         width = max(len(self.tables[s]) for s in new_tokens)
         tables = [self.tables[s] + [0] * (width - len(self.tables[s])) for s in new_tokens]
+        dev = dict(device=self.device)
         md = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=torch.tensor(tables, dtype=torch.int32),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, **dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, **dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, **dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, **dev),
             max_query_len=max(len(t) for t in new_tokens.values()),
             max_seq_len=max(seq_lens),
-            logits_indices=None if all_logits else torch.tensor(qsl[1:], dtype=torch.int64) - 1,
+            logits_indices=None if all_logits else torch.tensor(qsl[1:], dtype=torch.int64, **dev) - 1,
         )
         with torch.no_grad():
-            return self.model(torch.tensor(ids), torch.tensor(pos), md)
+            return self.model(torch.tensor(ids, **dev), torch.tensor(pos, **dev), md)

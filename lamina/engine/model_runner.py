@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lamina.config import EngineConfig
+from lamina.engine.cuda_graphs import DecodeGraphs
 from lamina.engine.scheduler import ScheduledBatch
 from lamina.kernels import AttentionMetadata
 from lamina.kernels.reference import GROUP_BY_LENGTH_MIN_BATCH
@@ -22,16 +23,34 @@ DEFAULT_CPU_KV_BYTES = 4 << 30  # 32 conversations of 2k tokens of SmolLM2-135M 
 # eager, where attention groups them by length (no padding to the longest), which a compiled graph
 # cannot. The cpu backend's C++ attention never pads, so there every decode batch is compiled.
 COMPILED_MAX_BATCH = GROUP_BY_LENGTH_MIN_BATCH - 1
+# Decode batches up to this size replay CUDA graphs (one per bucket: 1, 2, 4, 8, 16, 32, ...);
+# larger ones are already long enough for launch overhead not to matter, and run eager.
+MAX_GRAPH_BATCH = 512
+
+
+def _eager_by_env() -> bool:
+    return os.environ.get("LAMINA_ENFORCE_EAGER", "") not in ("", "0")
 
 
 def use_compile(config: EngineConfig, device: torch.device) -> bool:
-    """enforce_eager None: compile on CPU unless $LAMINA_ENFORCE_EAGER is set. On CUDA it stays
-    opt-in (--compile) until the Triton kernels inside a compiled graph are measured on a GPU."""
+    """On CPU: unless --enforce-eager or $LAMINA_ENFORCE_EAGER. On CUDA never: CUDA graphs remove
+    the launch overhead that compiling cuts on CPU, and Inductor failed to build lamina's Triton
+    kernels inside the step (torch 2.11 / Triton 3.6 on an H200), so --compile is ignored there."""
+    if device.type == "cuda":
+        if config.enforce_eager is False:
+            log.warning("--compile is ignored on CUDA: decode steps replay CUDA graphs instead")
+        return False
     if config.enforce_eager is not None:
         return not config.enforce_eager
-    if os.environ.get("LAMINA_ENFORCE_EAGER", "") not in ("", "0"):
+    return not _eager_by_env()
+
+
+def use_cuda_graphs(config: EngineConfig, device: torch.device, triton_backend: bool) -> bool:
+    """On CUDA with lamina's Triton kernels (the torch reference syncs with the host, which a
+    capture forbids), unless --enforce-eager or $LAMINA_ENFORCE_EAGER."""
+    if device.type != "cuda" or not triton_backend or config.enforce_eager:
         return False
-    return device.type == "cpu"
+    return config.enforce_eager is False or not _eager_by_env()
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -53,7 +72,9 @@ class ModelRunner:
         use_cpu_gemm(self.model)  # what is left in bf16 on CPU
         self.dtype = self.model.dtype
         from lamina.kernels import cpu as cpu_backend
+        from lamina.kernels import triton_ops
         self.cpu_ops = self.model.layers[0].self_attn.ops is cpu_backend  # the C++ attention backend
+        triton_backend = self.model.layers[0].self_attn.ops is triton_ops
         self.kv_dtype = self._kv_cache_dtype(config.kv_cache_dtype)
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
@@ -64,7 +85,7 @@ class ModelRunner:
         self.k_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
-        self.compiled_forward = self.compiled_prefill = None
+        self.compiled_forward = self.compiled_prefill = self.decode_graphs = None
         self.compiled_max_batch = None if self.cpu_ops else COMPILED_MAX_BATCH
         if use_compile(config, self.device):
             self._compile_decode()
@@ -72,6 +93,10 @@ class ModelRunner:
             # than the reference's loop over sequences
             if self.cpu_ops and self.dtype == self.kv_dtype == torch.bfloat16 and cfg.head_dim in cpu_backend.PREFILL_HEAD_DIMS:
                 self._compile_prefill()
+        if use_cuda_graphs(config, self.device, triton_backend):
+            self.decode_graphs = DecodeGraphs(self._step, min(config.max_num_seqs, MAX_GRAPH_BATCH),
+                                              max_model_len, self.block_size, self.device)
+            self.decode_graphs.capture_all()
 
     def _kv_cache_dtype(self, name: str) -> torch.dtype:
         """'auto': the model's dtype, except float32 on CPU with the torch backend, whose decode
@@ -93,10 +118,12 @@ class ModelRunner:
     def _num_blocks(self) -> int:
         if self.config.num_gpu_blocks_override:
             return self.config.num_gpu_blocks_override
-        if self.device.type == "cuda":
+        if self.config.kv_cache_memory:
+            budget = self.config.kv_cache_memory
+        elif self.device.type == "cuda":
             budget = self._cuda_kv_budget()
         else:
-            budget = self.config.kv_cache_memory or DEFAULT_CPU_KV_BYTES
+            budget = DEFAULT_CPU_KV_BYTES
         num_blocks = int(budget // self.bytes_per_block)
         if num_blocks < 1:
             raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of {self.bytes_per_block} bytes")
@@ -118,9 +145,11 @@ class ModelRunner:
             block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
             slot_mapping=torch.arange(tokens, dtype=torch.int64, device=self.device),
             max_query_len=tokens, max_seq_len=tokens)
+        # positions wrap at the RoPE table's length: a model may allow fewer tokens per sequence
+        # than a step may batch
+        positions = torch.arange(tokens, device=self.device) % self.model.cos_sin_cache.shape[0]
         with torch.inference_mode():
-            self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
-                       torch.arange(tokens, device=self.device), md)
+            self.model(torch.zeros(tokens, dtype=torch.long, device=self.device), positions, md)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del tmp
@@ -165,6 +194,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """Logits [len(md.logits_indices), vocab] (float32). On CUDA a pure-decode batch replays a
+        captured graph, whose output tensor the next step overwrites."""
+        if self.decode_graphs is not None and self.decode_graphs.fits(md):
+            return self.decode_graphs.run(input_ids, positions, md)
+        return self._step(input_ids, positions, md)
+
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         if (self.compiled_forward is not None and md.is_decode
                 and (self.compiled_max_batch is None or md.num_seqs <= self.compiled_max_batch)):
             # Two graphs in all: batch 1, and any batch of 2+ (torch specializes sizes 0 and 1).

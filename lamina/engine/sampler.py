@@ -122,12 +122,13 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[list[int], list[Toke
     """logits [B, V] float32 -> (token ids, logprob records for rows that asked for them)."""
     raw = logits
     logits = apply_bias_and_bans(apply_penalties(logits, b), b)
-    greedy = b.temperature.to(logits.device) == 0
+    temperature = b.temperature.to(logits.device)
+    greedy = temperature == 0
     greedy_tokens = logits.argmax(dim=-1)
     if bool(greedy.all()):
         tokens = greedy_tokens
     else:
-        temperature = torch.where(greedy, torch.ones_like(b.temperature), b.temperature).to(logits.device)
+        temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
         scaled = apply_top_k_top_p_min_p(logits / temperature[:, None], b)
         probs = scaled.softmax(dim=-1)
         # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) samples from p

@@ -5,7 +5,14 @@ import torch
 from lamina.engine.model_runner import COMPILED_MAX_BATCH
 from lamina.sampling_params import SamplingParams
 from tests.engine.agreement import assert_greedy_agree
-from tests.engine.test_engine import make_engine, random_prompts, run
+from tests.engine.test_engine import make_engine as _make_engine
+from tests.engine.test_engine import random_prompts, run
+
+
+def make_engine(model_dir, **kw):
+    """On the CPU even where there is a GPU: on CUDA compiled steps run inside CUDA graphs
+    (tests/engine/test_cuda_graphs.py)."""
+    return _make_engine(model_dir, device="cpu", **kw)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The whole model gives the same logits and greedy tokens with the Triton kernels as with the
-torch reference ops (interpreted on CPU): the kernels are wired in where the model expects them."""
+torch reference ops (on the GPU where there is one, else interpreted on the CPU): the kernels are
+wired in where the model expects them."""
 import pytest
 import torch
 
@@ -11,14 +12,17 @@ from tests.utils import PagedRunner
 CFG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
            num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
            rms_norm_eps=1e-5)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model(backend: str, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(ModelConfig(**CFG), get_backend(backend), max_len=256)
+    model = LlamaForCausalLM(ModelConfig(**CFG), get_backend(backend, DEVICE), max_len=256)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.2) if "norm" not in name else p.uniform_(0.5, 1.5)
+    model.to(DEVICE)
+    model.cos_sin_cache = model.cos_sin_cache.to(DEVICE)  # a plain attribute, not a buffer
     return model.eval()
 
 
