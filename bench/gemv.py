@@ -1,11 +1,14 @@
-"""CPU GEMV/GEMM benchmark: lamina's C++ kernels (lamina/kernels/cpu_ops.cpp) against torch's ops on
+"""CPU GEMV/GEMM benchmark: lamina's C++ kernels (cpu_ops.cpp, cpu_quant.cpp) against torch's ops on
 the same weights, for a model's layer shapes, per row count (decode batch sizes, up to prefill).
 
 - bf16 lamina: torch.ops.lamina.bf16_packed_linear on the weight packed once by quant.pack_bf16 (what
   quant.Bf16Linear runs for every row count); bf16 torch: nn.functional.linear on the [N, K] weight.
-- int8 lamina: torch.ops.lamina.int8_linear; int8 torch: torch._weight_int8pack_mm; int8
-  dequant+bf16: dequantize the weight, then torch's bf16 matmul. quant.Int8Linear switches from the
-  first to the last at INT8_DEQUANT_MIN_ROWS (lamina/models/quant.py), read off this table.
+- int8 lamina: torch.ops.lamina.int8_packed_linear (quant.pack_int8); int8 torch:
+  torch._weight_int8pack_mm; int8 dequant+bf16: dequantize the weight, then torch's bf16 matmul.
+  quant.Int8Linear switches from the first to the last at INT8_DEQUANT_MIN_ROWS, read off this table.
+- int4 lamina: torch.ops.lamina.int4_packed_linear (quant.pack_int4, Q4_1's grid); int4 torch:
+  torch's own packed int4 kernel (_weight_int4pack_mm_for_cpu) on the same codes; int4
+  dequant+bf16 as for int8 (INT4_DEQUANT_MIN_ROWS).
 
 Each case runs over `--layers` copies of the weight, so the weights come from memory as they do in a
 real decode step, not from the cache. A/B rounds alternate the ops, and each cell is the median of
@@ -29,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lamina.kernels import cpu  # noqa: E402
-from lamina.models.quant import pack_bf16  # noqa: E402
+from lamina.models.quant import pack_bf16, pack_int4, pack_int8, quantize_int4  # noqa: E402
 
 # Above this many rows the ops are compute-bound, and each row count runs over proportionally fewer
 # weight copies (at least 2), so prefill row counts take about as long as this one
@@ -42,14 +45,24 @@ def candidates(weight: torch.Tensor) -> dict:
     scale = w.abs().amax(1).clamp(min=1e-8) / 127
     w8 = torch.round(w / scale[:, None]).to(torch.int8)
     scale_bf16 = scale.bfloat16()
-    packed = pack_bf16(weight)
+    packed, packed8 = pack_bf16(weight), pack_int8(w8)
     n, k = weight.shape
+    codes, d, lo = quantize_int4(weight, 32)
+    packed4 = pack_int4(codes, d, lo)
+    # torch's int4 layout computes (code - 8) * scale + zero, from [K/32, N, 2] scale|zero pairs
+    torch4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    scale_zero = torch.stack([d, lo + 8 * d], -1).transpose(0, 1).contiguous().bfloat16()
+    w4 = (codes.view(n, -1, 32) * d[..., None] + lo[..., None]).view(n, k)
+    int4_bytes = n * k // 2 + n * k // 32 * 4
     return {
         "bf16 lamina": (2 * n * k, lambda x: torch.ops.lamina.bf16_packed_linear(x, packed)),
         "bf16 torch": (2 * n * k, lambda x: nn.functional.linear(x, weight)),
-        "int8 lamina": (n * k, lambda x: torch.ops.lamina.int8_linear(x, w8, scale)),
+        "int8 lamina": (n * k, lambda x: torch.ops.lamina.int8_packed_linear(x, packed8, scale)),
         "int8 torch": (n * k, lambda x: torch._weight_int8pack_mm(x, w8, scale_bf16)),
         "int8 dequant+bf16": (n * k, lambda x: nn.functional.linear(x, w8.to(x.dtype) * scale_bf16[:, None])),
+        "int4 lamina": (int4_bytes, lambda x: torch.ops.lamina.int4_packed_linear(x, packed4)),
+        "int4 torch": (int4_bytes, lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, torch4, 32, scale_zero)),
+        "int4 dequant+bf16": (int4_bytes, lambda x: nn.functional.linear(x, w4.to(x.dtype))),
     }
 
 
@@ -67,8 +80,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shape or ["576x960", "576x576", "576x3072", "1536x576"]]
     for k, n in shapes:
-        if n % 16 or k % 2:
-            ap.error(f"--shape {k}x{n}: the packed bf16 kernel takes N a multiple of 16 and K even")
+        if n % 64 or k % 32:
+            ap.error(f"--shape {k}x{n}: the packed kernels take N a multiple of 16 (torch's int4: 64) and K of 32")
     print(f"threads {args.threads}, torch {torch.__version__}, {args.layers} weight copies per case "
           f"(fewer above {FULL_COPIES_MAX_ROWS} rows); us per call (GB/s of weights)")
     for k, n in shapes:

@@ -1,4 +1,4 @@
-"""lamina's C++ CPU kernels (cpu_ops.cpp), and the "cpu" attention backend that uses them.
+"""lamina's C++ CPU kernels (cpu_ops.cpp, cpu_quant.cpp), and the "cpu" attention backend that uses them.
 
 They are built on first use with the system's C++ compiler (the one torch.compile uses on CPU),
 for this machine's CPU (-march=native), and cached under $LAMINA_HOME/kernels/ keyed by the
@@ -7,7 +7,12 @@ ops) where there is no compiler, the build fails, the tensors are not on the CPU
 $LAMINA_CPU_KERNELS=0.
 
 The ops, registered in torch.ops.lamina:
-    int8_linear(x, weight, scale)           x [M, K] float32/bf16, weight [N, K] int8, scale [N] float32
+    int8_packed_linear(x, packed, scale, split_x=True)
+                                            x [M, K] float32/bf16, packed uint8 [N/16, K/32, 512]
+                                            (quant.pack_int8), scale [N] float32 -> x's dtype
+    int4_packed_linear(x, packed, split_x=True)
+                                            x [M, K] float32/bf16, packed uint8 [N/16, K/32, 320]
+                                            (quant.pack_int4: Q4_1's grid) -> x's dtype
     bf16_packed_linear(x, packed)           x [M, K] bf16, packed [N/16, K/2, 16, 2] bf16 (quant.pack_bf16)
     paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
                                             q [B, Hq, D] float32/bf16 -> float32, caches float32/bf16
@@ -36,7 +41,8 @@ from lamina.kernels import reference
 
 log = logging.getLogger("lamina.kernels")
 
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_quant.cpp")]  # one library
+HEADERS = [Path(__file__).with_name("cpu_common.h")]
 _lock = threading.Lock()
 _loaded: dict[tuple[str, str], bool] = {}
 
@@ -51,21 +57,22 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compile_command(source: Path, output: Path, namespace: str, march: str) -> list[str]:
+def _compile_command(sources: list[Path], output: Path, namespace: str, march: str) -> list[str]:
     from torch.utils import cpp_extension
     compiler = os.environ.get("CXX", "g++")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [compiler, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DLAMINA_NAMESPACE={namespace}",
-            *(f"-I{p}" for p in cpp_extension.include_paths()), str(source), "-o", str(output),
+            *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, sources), "-o", str(output),
             *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
 
 
 def build(namespace: str = "lamina", march: str = "native") -> Path:
     """The shared library for these settings, compiled now unless cached. Raises on failure."""
     from lamina.registry import lamina_home
-    probe = _compile_command(SOURCE, Path("out.so"), namespace, march)
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *probe, torch.__version__, _cpu_id()]).encode()).hexdigest()[:16]
+    probe = _compile_command(SOURCES, Path("out.so"), namespace, march)
+    texts = [f.read_text() for f in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, *probe, torch.__version__, _cpu_id()]).encode()).hexdigest()[:16]
     cache = Path(lamina_home()) / "kernels"
     target = cache / f"cpu_ops-{namespace}-{key}.so"
     if target.exists():
@@ -74,18 +81,19 @@ def build(namespace: str = "lamina", march: str = "native") -> Path:
     # compiled beside the target and renamed into place, so concurrent builds never see half a file
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         partial = Path(tmp) / target.name
-        done = subprocess.run(_compile_command(SOURCE, partial, namespace, march), capture_output=True, text=True)
+        done = subprocess.run(_compile_command(SOURCES, partial, namespace, march), capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed:\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"building {', '.join(f.name for f in SOURCES)} failed:\n{done.stderr[-4000:]}")
         os.replace(partial, target)
     return target
 
 
 def _register_shapes(namespace: str) -> None:
     """What torch.compile needs to trace the ops: the output's shape and dtype."""
-    for name in ("int8_linear",):
-        torch.library.register_fake(f"{namespace}::{name}")(
-            lambda x, weight, *rest: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake(f"{namespace}::int4_packed_linear")(
+        lambda x, packed, split_x=True: x.new_empty(x.shape[0], packed.shape[0] * 16))
+    torch.library.register_fake(f"{namespace}::int8_packed_linear")(
+        lambda x, packed, scale, split_x=True: x.new_empty(x.shape[0], packed.shape[0] * 16))
     torch.library.register_fake(f"{namespace}::bf16_packed_linear")(
         lambda x, packed: x.new_empty(x.shape[0], packed.shape[0] * 16))
     torch.library.register_fake(f"{namespace}::paged_decode_attention")(

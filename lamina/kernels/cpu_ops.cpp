@@ -1,142 +1,25 @@
-// lamina's CPU kernels: the matmuls and the attention of a bf16 (or int8) model on CPU.
+// lamina's CPU kernels: the bf16 matmuls and the attention of a model on CPU (int8/int4 matmuls:
+// cpu_quant.cpp).
 //
 // A small model on a 2-core machine spends its time in per-call overheads and in the wrong memory
 // layout more than in arithmetic; these kernels avoid both:
 //   bf16_packed_linear  y = x @ W^T on a weight packed once for VDPBF16PS (any number of rows)
-//   int8_linear         a few rows of x times an int8 weight with a scale per output channel,
-//                       widened to float32 in registers. (Rounding the activations to int8 for
-//                       VPDPBUSD, as llama.cpp does, was 10 % faster but moved greedy logprobs by up
-//                       to 0.3 against float32; this keeps them where torch's int8 kernel does.)
 //   paged_decode_attention / paged_prefill_attention
 //                       attention reading the paged KV cache in place through the block table
 // Each has a plain C++ path for CPUs without AVX-512 (BF16), with the same sums in float32.
 //
 // Built on first use by lamina/kernels/cpu.py (g++ -O3 -march=native) and loaded with
 // torch.ops.load_library; Python gives the ops their shapes for torch.compile.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "cpu_common.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <tuple>
 #include <type_traits>
-#include <vector>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#include <immintrin.h>
-#define LAMINA_AVX512 1
-#endif
-
-#ifndef LAMINA_NAMESPACE
-#define LAMINA_NAMESPACE lamina
-#endif
 
 namespace {
-
-constexpr int64_t kGrainRows = 64;      // output channels per parallel task, at least
-
-float bf16_to_float(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
-// x [M, K] as float32, whatever floating type it came in
-std::vector<float> rows_as_float(const at::Tensor& x) {
-  at::Tensor c = x.contiguous();
-  std::vector<float> out(c.numel());
-  if (c.scalar_type() == at::kFloat) {
-    std::memcpy(out.data(), c.data_ptr<float>(), out.size() * sizeof(float));
-  } else if (c.scalar_type() == at::kBFloat16) {
-    auto p = reinterpret_cast<const uint16_t*>(c.data_ptr());
-    for (size_t i = 0; i < out.size(); i++) out[i] = bf16_to_float(p[i]);
-  } else {
-    auto f = c.to(at::kFloat);
-    std::memcpy(out.data(), f.data_ptr<float>(), out.size() * sizeof(float));
-  }
-  return out;
-}
-
-// y [M, N] in x's dtype from float32 results
-at::Tensor make_output(const at::Tensor& x, const std::vector<float>& y, int64_t M, int64_t N) {
-  if (x.scalar_type() == at::kBFloat16) {
-    at::Tensor out = at::empty({M, N}, x.options());
-    auto p = reinterpret_cast<uint16_t*>(out.data_ptr());
-    for (int64_t i = 0; i < M * N; i++) p[i] = float_to_bf16(y[i]);
-    return out;
-  }
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  std::memcpy(out.data_ptr<float>(), y.data(), y.size() * sizeof(float));
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
-}
-
-void check_rows(const at::Tensor& x, const at::Tensor& w, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "], got ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "lamina's CPU GEMV takes CPU tensors");
-  TORCH_CHECK(w.is_contiguous(), "weights must be contiguous");
-}
 
 #ifdef LAMINA_AVX512
 float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 #endif
-
-// ---------------------------------------------------------------------------------------------
-// int8: W = weight * scale[n]
-
-template <int NT>
-void int8_rows(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y,
-               int64_t N, int64_t n) {
-  for (int64_t m = 0; m < M; m++) {
-    const float* xm = x + m * K;
-    int64_t k = 0;
-    float acc[NT] = {};
-#ifdef LAMINA_AVX512
-    __m512 vacc[NT];
-    for (int t = 0; t < NT; t++) vacc[t] = _mm512_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(xm + k);
-      for (int t = 0; t < NT; t++) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + t) * K + k));
-        vacc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, vacc[t]);
-      }
-    }
-    for (int t = 0; t < NT; t++) acc[t] = hsum(vacc[t]);
-#endif
-    for (; k < K; k++)
-      for (int t = 0; t < NT; t++) acc[t] += float(w[(n + t) * K + k]) * xm[k];
-    for (int t = 0; t < NT; t++) y[m * N + n + t] = acc[t] * scale[n + t];
-  }
-}
-
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
-  const int64_t N = weight.size(0), K = weight.size(1), M = x.size(0);
-  check_rows(x, weight, K);
-  TORCH_CHECK(weight.scalar_type() == at::kChar, "int8 weight must be int8 [N, K]");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
-              "int8 scale must be contiguous float32 [N]");
-  const std::vector<float> xf = rows_as_float(x);
-  std::vector<float> y(M * N);
-  const int8_t* w = weight.data_ptr<int8_t>();
-  const float* s = scale.data_ptr<float>();
-  at::parallel_for(0, N, kGrainRows, [&](int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) int8_rows<4>(xf.data(), M, K, w, s, y.data(), N, n);
-    for (; n < n1; n++) int8_rows<1>(xf.data(), M, K, w, s, y.data(), N, n);
-  });
-  return make_output(x, y, M, N);
-}
 
 // ---------------------------------------------------------------------------------------------
 // bfloat16 GEMM on packed weights, for any number of rows (decode batches and prefill).
@@ -256,8 +139,6 @@ at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed) {
 // the cache crosses memory three times (read, write, read) instead of once; in a batch of 32
 // sequences of a few hundred tokens that traffic is most of a decode step.
 
-float load_float(float v) { return v; }
-float load_float(uint16_t v) { return bf16_to_float(v); }
 
 #ifdef LAMINA_AVX512
 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -846,13 +727,11 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 // A macro layer, so that a test can build the plain paths under another namespace.
 #define LAMINA_DEFINE_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 LAMINA_DEFINE_LIBRARY(LAMINA_NAMESPACE, m) {
-  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("bf16_packed_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, float scale) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
-  m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
   m.impl("bf16_packed_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_packed_linear));
   m.impl("paged_prefill_attention", c10::DispatchKey::CPU, TORCH_FN(paged_prefill_attention));
   m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));

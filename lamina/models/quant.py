@@ -8,10 +8,10 @@ Decoding a small model is bound by how many weight bytes each token reads.
   lm_head stays int8.
 - bf16 weights on CPU keep their bytes but are packed once for lamina's GEMM (`use_cpu_gemm`),
   which beats torch's matmul at every row count on a 2-core Zen 4 (`python bench/gemv.py`).
-On CPU, few rows (decode) of int8 layers go to lamina's C++ GEMV; int4 layers use torch's packed
-int4 kernel, which lamina's own int4 kernel did not beat. Many rows (prefill) dequantize the weight
-and run one bf16 matmul, from row counts measured on a 2-core Zen 4. Without the C++ kernels (no
-compiler, not on CPU) the layers fall back to torch's ops.
+On CPU, int8 and int4 weights are packed once at load for lamina's VNNI kernels (cpu_quant.cpp),
+which serve up to a few hundred rows (decode batches; ~3x torch's own int4 and int8 kernels at one
+row); more rows (prefill) dequantize the weight and run one bf16 matmul. Without the C++ kernels
+(no compiler, not on CPU, shapes off the 16 x 32 grid) the layers fall back to torch's ops.
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ from lamina.kernels import cpu
 log = logging.getLogger("lamina.quant")
 
 INT4_GROUP_SIZE = 32
-# Row counts where the GEMV kernels stop paying: from there dequantize + one bf16 matmul is faster
-# (2-core Zen 4, a 576 x 3072 layer: `python bench/gemv.py`)
-INT8_DEQUANT_MIN_ROWS = 16
+QUANT_BLOCK = 16  # output channels per block of the packed int8/int4 layouts (cpu_quant.cpp)
+# Row counts from which dequantize + one bf16 matmul beats lamina's packed kernels (2-core Zen 4, a
+# 576 x 3072 layer: `python bench/gemv.py`)
+INT8_DEQUANT_MIN_ROWS = 128
 INT4_DEQUANT_MIN_ROWS = 256
 
 
@@ -35,28 +36,42 @@ def _rows(x: torch.Tensor, in_features: int) -> int:
     return x.numel() // in_features
 
 
+def _packable(linear: nn.Linear) -> bool:
+    """Whether lamina's packed int8/int4 kernels take this layer: on CPU, blocks of 16 output
+    channels and groups of 32 input channels."""
+    return (linear.out_features % QUANT_BLOCK == 0 and linear.in_features % INT4_GROUP_SIZE == 0
+            and cpu.usable(linear.weight))
+
+
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.use_kernel = _packable(linear)
+        if self.use_kernel:
+            self.register_buffer("packed", pack_int8(q))
+        else:
+            self.register_buffer("weight", q)
         # float32: what the C++ kernel reads (torch's takes it in x's dtype)
         self.register_buffer("scale", scale.to(linear.weight.dtype).float())
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.use_gemv = cpu.usable(self.weight)
-        self.use_torch_gemv = self.weight.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+        self.use_torch_gemv = linear.weight.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+
+    def int8_weight(self) -> torch.Tensor:
+        return unpack_int8(self.packed) if self.use_kernel else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        few_rows = _rows(x, self.in_features) < INT8_DEQUANT_MIN_ROWS
+        rows = _rows(x, self.in_features)
         flat = x.reshape(-1, self.in_features)
-        if few_rows and self.use_gemv:
-            y = torch.ops.lamina.int8_linear(flat, self.weight, self.scale).reshape(*x.shape[:-1], self.out_features)
-        elif few_rows and self.use_torch_gemv:
+        if self.use_kernel and rows < INT8_DEQUANT_MIN_ROWS:
+            y = torch.ops.lamina.int8_packed_linear(flat, self.packed, self.scale).reshape(*x.shape[:-1], self.out_features)
+        elif not self.use_kernel and self.use_torch_gemv and rows < 16:
             y = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
         else:
-            y = nn.functional.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
+            y = nn.functional.linear(x, self.int8_weight().to(x.dtype) * self.scale[:, None].to(x.dtype))
         return y if self.bias is None else y + self.bias
 
 
@@ -71,47 +86,79 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return codes.view(n, k), scale, lo
 
 
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] in 0..15, scale and minimum [N, K/32] -> uint8 [N/16, K/32, 320], what
+    torch.ops.lamina.int4_packed_linear reads: per block of 16 output channels and group of 32
+    input channels, four 64-byte vectors (vector j, lane c, byte b: low nibble code(c, 4j + b),
+    high nibble code(c, 16 + 4j + b)), then lane c's bf16 scale (low half) and minimum (high half)."""
+    n, k = codes.shape
+    blocks, groups = n // QUANT_BLOCK, k // INT4_GROUP_SIZE
+    # k = g*32 + half*16 + 4j + b  ->  [block, g, j, c, half, b]
+    c = codes.to(torch.uint8).view(blocks, QUANT_BLOCK, groups, 2, 4, 4).permute(0, 2, 4, 1, 3, 5)
+    nibbles = (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(blocks, groups, 256)
+    pairs = torch.stack([scale.to(torch.bfloat16), minimum.to(torch.bfloat16)], -1)       # [N, G, 2]
+    pairs = pairs.view(blocks, QUANT_BLOCK, groups, 2).transpose(1, 2).contiguous()      # [block, g, c, 2]
+    return torch.cat([nibbles, pairs.view(torch.uint8).view(blocks, groups, 64)], -1).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pack_int4's inverse: (codes [N, K], scale [N, K/32], minimum [N, K/32]; bf16)."""
+    blocks, groups, _ = packed.shape
+    nibbles = packed[..., :256].reshape(blocks, groups, 4, QUANT_BLOCK, 4)                  # [block, g, j, c, b]
+    c = torch.stack([nibbles & 15, nibbles >> 4], -2)                                      # [block, g, j, c, half, b]
+    codes = c.permute(0, 3, 1, 4, 2, 5).reshape(blocks * QUANT_BLOCK, groups * INT4_GROUP_SIZE)
+    pairs = packed[..., 256:].contiguous().view(torch.bfloat16).view(blocks, groups, QUANT_BLOCK, 2)
+    scale, minimum = pairs.transpose(1, 2).reshape(blocks * QUANT_BLOCK, groups, 2).unbind(-1)
+    return codes, scale, minimum
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] int8 -> uint8 [N/16, K/32, 512], what torch.ops.lamina.int8_packed_linear reads:
+    per block of 16 output channels and group of 32 input channels, eight 64-byte vectors (vector j,
+    lane c, byte b: q(c, 4j + b) + 128, unsigned for VPDPBUSD)."""
+    n, k = q.shape
+    u = (q.to(torch.int16) + 128).to(torch.uint8)
+    return u.view(n // QUANT_BLOCK, QUANT_BLOCK, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(
+        n // QUANT_BLOCK, k // 32, 512).contiguous()
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    blocks, groups, _ = packed.shape
+    u = packed.view(blocks, groups, 8, QUANT_BLOCK, 4).permute(0, 3, 1, 2, 4).reshape(blocks * QUANT_BLOCK, groups * 32)
+    return (u.to(torch.int16) - 128).to(torch.int8)
+
+
 class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = group_size
         self.bias = linear.bias
-        dtype = linear.weight.dtype
         codes, scale, lo = quantize_int4(linear.weight.detach(), group_size)
-        # torch's CPU kernel takes bf16 activations and a multiple of 16 output channels (dequantize
-        # reads its layout for multiples of 64)
-        self.use_packed = (linear.weight.device.type == "cpu" and dtype == torch.bfloat16
-                           and self.out_features % 16 == 0)
-        if self.use_packed:
-            # torch's kernel computes (code - 8) * scale + zero, from [K/group, N, 2] scale|zero pairs
-            zero = lo + 8 * scale
-            self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
-            self.register_buffer("scale_zero", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
+        self.use_kernel = group_size == INT4_GROUP_SIZE and _packable(linear)
+        if self.use_kernel:
+            self.register_buffer("packed", pack_int4(codes, scale, lo))
         else:
             # two codes per byte; dequantized per call
+            dtype = linear.weight.dtype
             self.register_buffer("weight", codes[:, ::2] | (codes[:, 1::2] << 4))
             self.register_buffer("scale", scale.to(dtype))
             self.register_buffer("minimum", lo.to(dtype))
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        if self.use_packed:
-            # torch's CPU layout: blocks of 64 output channels; per input channel 32 bytes, whose
-            # low nibbles are channels 0-31 of the block and high nibbles channels 32-63
-            p = self.weight.view(n // 64, k, 32)
-            codes = torch.cat([p & 15, p >> 4], dim=2).transpose(1, 2).reshape(n, k // self.group_size, self.group_size)
-            scale, zero = self.scale_zero.to(dtype).transpose(0, 1).unbind(-1)   # [N, K/group] each
-            w = (codes.to(dtype) - 8) * scale[..., None] + zero[..., None]
+        if self.use_kernel:
+            codes, scale, minimum = unpack_int4(self.packed)
+            codes = codes.view(n, -1, self.group_size)
         else:
             codes = torch.stack([self.weight & 15, self.weight >> 4], -1).view(n, -1, self.group_size)
-            w = codes.to(dtype) * self.scale[..., None].to(dtype) + self.minimum[..., None].to(dtype)
+            scale, minimum = self.scale, self.minimum
+        w = codes.to(dtype) * scale[..., None].to(dtype) + minimum[..., None].to(dtype)
         return w.view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_packed and (x.numel() < INT4_DEQUANT_MIN_ROWS * self.in_features or self.out_features % 64):
-            flat = x.reshape(-1, self.in_features)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scale_zero)
+        if self.use_kernel and _rows(x, self.in_features) < INT4_DEQUANT_MIN_ROWS:
+            y = torch.ops.lamina.int4_packed_linear(x.reshape(-1, self.in_features), self.packed)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             y = nn.functional.linear(x, self.dequantize(x.dtype))

@@ -1,6 +1,6 @@
-"""lamina's C++ CPU kernels (lamina/kernels/cpu_ops.cpp) against plain torch on the same inputs:
-the bf16 GEMM on packed weights, the int8 GEMV, and the modules of lamina/models/quant.py that
-call them.
+"""lamina's C++ CPU matmuls against plain torch on the same inputs: the bf16 GEMM on packed weights
+(cpu_ops.cpp), the int8 and int4 kernels on packed weights (cpu_quant.cpp), and the modules of
+lamina/models/quant.py that call them.
 
 The build on this machine takes the AVX-512 paths where the CPU has them; a second build for a
 baseline x86-64 CPU covers the plain C++ paths that other machines run.
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from lamina.kernels import cpu
-from lamina.models.quant import INT8_DEQUANT_MIN_ROWS, Bf16Linear, Int8Linear, pack_bf16, use_cpu_gemm
+from lamina.models.quant import (INT8_DEQUANT_MIN_ROWS, Bf16Linear, Int4Linear, Int8Linear, pack_bf16, pack_int4,
+                                 pack_int8, quantize_int4, unpack_int4, unpack_int8, use_cpu_gemm)
 
 pytestmark = pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build lamina's CPU kernels")
 
@@ -22,7 +23,9 @@ pytestmark = pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build
 # tiny one.
 BF16_SHAPES = [(1, 576, 960), (3, 576, 48), (8, 1536, 80), (13, 64, 32), (130, 576, 16), (5, 2, 64),
                (1, 1536, 16), (2, 64, 128)]
-INT8_SHAPES = [(1, 576, 960), (3, 576, 64), (5, 1536, 576), (2, 96, 7), (16, 100, 9), (4, 64, 130)]
+# int8/int4: tiles of up to 8 quantized rows (4 of x when split) x 4 blocks of 16 columns (1 block
+# from 4 rows): M covers 1..3 rows, 4+, and a second tile; N 1, 2, 3, 4 and 60 blocks
+QUANT_SHAPES = [(1, 576, 960), (3, 576, 64), (5, 1536, 576), (2, 96, 16), (16, 64, 32), (9, 64, 48), (4, 32, 16)]
 
 
 def _check_bf16(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
@@ -47,18 +50,57 @@ def _check_ops(ns: str):
     wide, w = torch.randn(11, 192).to(torch.bfloat16), torch.randn(32, 96).to(torch.bfloat16)
     _check_bf16(ops.bf16_packed_linear(wide[:, ::2], pack_bf16(w)), wide[:, ::2], w)
 
-    for m, k, n in INT8_SHAPES:
+    for m, k, n in QUANT_SHAPES:
         torch.manual_seed(m * k + n)
         x = torch.randn(m, k)
-        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        x[0, :32] *= 50  # one group much larger than the rest: per-group activation scales matter
+        q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         scale = torch.rand(n) * 0.01 + 1e-3
-        got = ops.int8_linear(x, w8, scale)
-        ref = x @ (w8.float() * scale[:, None]).T
-        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
-        got = ops.int8_linear(x.to(torch.bfloat16), w8, scale)
-        assert got.dtype == torch.bfloat16
-        ref = x.to(torch.bfloat16).float() @ (w8.float() * scale[:, None]).T
-        torch.testing.assert_close(got.float(), ref, rtol=2 ** -8, atol=1e-5 * ref.abs().max().item())
+        w8 = q8.float() * scale[:, None]
+        codes, d, lo = quantize_int4(torch.randn(n, k), 32)
+        w4 = (codes.view(n, -1, 32).float() * d.bfloat16().float()[..., None]
+              + lo.bfloat16().float()[..., None]).view(n, k)
+        for split in (True, False):
+            for dtype in (torch.float32, torch.bfloat16):
+                xd = x.to(dtype)
+                _check_quant(ops.int8_packed_linear(xd, pack_int8(q8), scale, split), xd, w8, split)
+                _check_quant(ops.int4_packed_linear(xd, pack_int4(codes, d, lo), split), xd, w4, split)
+
+
+def _check_quant(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, split: bool):
+    """x is rounded to int8 per row and group of 32 (scale dx = max|x| / 127), or with split to two
+    int8 parts (the remainder's scale <= dx / 254): each output is off by at most the rounding,
+    sum over groups of dx / 2 * sum |w|, plus float32's rounding; bf16 output adds half an ulp."""
+    xf = x.float()
+    ref = xf @ w.T
+    assert got.dtype == x.dtype and got.shape == ref.shape
+    m, k = xf.shape
+    dx = xf.view(m, k // 32, 32).abs().amax(-1) / 127 / (254 if split else 1)   # [M, G]
+    w_abs = w.abs().view(w.shape[0], k // 32, 32).sum(-1)                        # [N, G]
+    bound = dx / 2 @ w_abs.T + 1e-5 * (xf.abs() @ w.abs().T)
+    if x.dtype == torch.bfloat16:
+        bound = bound + 2 ** -8 * ref.abs()
+    assert ((got.float() - ref).abs() <= bound).all(), ((got.float() - ref).abs() - bound).max()
+
+
+def test_pack_int8_and_int4_layouts():
+    """int8: packed[b, g, 64 j + 4 c + i] = q[16 b + c, 32 g + 4 j + i] + 128. int4: byte 64 j + 4 c + i
+    holds codes (16 b + c, 32 g + 4 j + i) low and (..., + 16) high, bytes 256 + 4 c the bf16 scale
+    and minimum; both unpack to what they packed."""
+    q = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    p8 = pack_int8(q)
+    assert p8.shape == (2, 2, 512) and p8.dtype == torch.uint8
+    for b, g, j, c, i in [(0, 0, 0, 0, 0), (1, 1, 7, 15, 3), (0, 1, 2, 5, 1)]:
+        assert int(p8[b, g, 64 * j + 4 * c + i]) == int(q[16 * b + c, 32 * g + 4 * j + i]) + 128
+    assert torch.equal(unpack_int8(p8), q)
+    codes, d, lo = quantize_int4(torch.randn(32, 64), 32)
+    p4 = pack_int4(codes, d, lo)
+    assert p4.shape == (2, 2, 320)
+    for b, g, j, c, i in [(0, 0, 0, 0, 0), (1, 1, 3, 15, 3), (0, 1, 2, 5, 1)]:
+        byte = int(p4[b, g, 64 * j + 4 * c + i])
+        assert byte & 15 == codes[16 * b + c, 32 * g + 4 * j + i] and byte >> 4 == codes[16 * b + c, 32 * g + 16 + 4 * j + i]
+    got_codes, got_d, got_lo = unpack_int4(p4)
+    assert torch.equal(got_codes, codes) and torch.equal(got_d, d.bfloat16()) and torch.equal(got_lo, lo.bfloat16())
 
 
 def test_pack_bf16_layout():
@@ -100,23 +142,32 @@ def test_ops_reject_bad_shapes_with_a_clear_error():
     for bad in bad_weights:
         with pytest.raises(RuntimeError, match=r"packed weight must be contiguous bfloat16 \[N/16, K/2, 16, 2\]"):
             op(x, bad)
-    with pytest.raises(RuntimeError, match="int8 weight"):
-        torch.ops.lamina.int8_linear(torch.zeros(2, 64), w, torch.ones(32))
+    p8 = pack_int8(torch.zeros(32, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match=r"packed int8 weight must be contiguous uint8 \[N/16, K/32, 512\]"):
+        torch.ops.lamina.int8_packed_linear(torch.zeros(2, 64), p8[..., :320].contiguous(), torch.ones(32))
+    with pytest.raises(RuntimeError, match=r"x must be \[M, 64\]"):
+        torch.ops.lamina.int8_packed_linear(torch.zeros(2, 32), p8, torch.ones(32))
+    with pytest.raises(RuntimeError, match=r"int8 scale must be contiguous float32 \[N\]"):
+        torch.ops.lamina.int8_packed_linear(torch.zeros(2, 64), p8, torch.ones(16))
+    with pytest.raises(RuntimeError, match=r"packed int4 weight must be contiguous uint8 \[N/16, K/32, 320\]"):
+        torch.ops.lamina.int4_packed_linear(torch.zeros(2, 64), p8)
 
 
 def test_ops_compile_without_graph_breaks():
     """torch.compile traces the ops (their shapes are registered) into one graph."""
-    packed = pack_bf16(torch.randn(48, 64).to(torch.bfloat16))
-    w8, scale = torch.randint(-127, 128, (32, 48), dtype=torch.int8), torch.rand(32)
+    packed = pack_bf16(torch.randn(64, 64).to(torch.bfloat16))
+    p8, scale = pack_int8(torch.randint(-127, 128, (32, 64), dtype=torch.int8)), torch.rand(32)
+    p4 = pack_int4(*quantize_int4(torch.randn(16, 32), 32))
 
     def f(x):
         y = torch.relu(torch.ops.lamina.bf16_packed_linear(x, packed))
-        return torch.ops.lamina.int8_linear(y, w8, scale) * 2
+        y = torch.ops.lamina.int8_packed_linear(y, p8, scale) * 2
+        return torch.ops.lamina.int4_packed_linear(y, p4)
 
     x = torch.randn(3, 64).to(torch.bfloat16)
     compiled = torch.compile(f, fullgraph=True)
     out = compiled(x)
-    assert out.shape == (3, 32) and out.dtype == torch.bfloat16
+    assert out.shape == (3, 16) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out, f(x))
 
 
@@ -157,14 +208,17 @@ def test_bf16_linear_fits_only_packable_bf16_layers():
     assert type(rest["odd"]) is nn.Linear and type(rest["fp32"]) is nn.Linear
 
 
-def test_int8_linear_module_agrees_for_few_and_many_rows():
+def test_int8_and_int4_modules_agree_for_few_and_many_rows():
     torch.manual_seed(1)
-    q = Int8Linear(nn.Linear(128, 72, bias=False).to(torch.bfloat16))
-    x = torch.randn(INT8_DEQUANT_MIN_ROWS + 4, 128).to(torch.bfloat16)
-    ref = x.float() @ (q.weight.float() * q.scale[:, None]).T
-    tol = 0.02 * ref.abs().max().item()
-    torch.testing.assert_close(q(x[:3]).float(), ref[:3], rtol=0, atol=tol)   # the GEMV
-    torch.testing.assert_close(q(x).float(), ref, rtol=0, atol=tol)           # dequantize + matmul
+    lin = nn.Linear(128, 80, bias=False).to(torch.bfloat16)
+    q8, q4 = Int8Linear(lin), Int4Linear(lin)
+    assert q8.use_kernel and q4.use_kernel and "weight" not in dict(q8.named_buffers())
+    x = torch.randn(300, 128).to(torch.bfloat16)   # past both modules' dequantize thresholds
+    for q, w in ((q8, q8.int8_weight().float() * q8.scale[:, None]), (q4, q4.dequantize(torch.float32))):
+        ref = x.float() @ w.T
+        tol = 0.02 * ref.abs().max().item()
+        torch.testing.assert_close(q(x[:3]).float(), ref[:3], rtol=0, atol=tol)   # the packed kernel
+        torch.testing.assert_close(q(x).float(), ref, rtol=0, atol=tol)           # dequantize + matmul
 
 
 def test_use_cpu_gemm_with_a_tied_lm_head():
@@ -199,7 +253,7 @@ def test_switched_off_by_env(monkeypatch):
     assert Bf16Linear.fits(lin)
     model = nn.Sequential(lin)
     assert not use_cpu_gemm(model) and model[0] is lin
-    assert not Int8Linear(lin).use_gemv
+    assert not Int8Linear(lin).use_kernel and not Int4Linear(nn.Linear(64, 16)).use_kernel
 
 
 def test_bench_gemv_script_runs():
@@ -208,11 +262,11 @@ def test_bench_gemv_script_runs():
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, os.path.join(root, "bench", "gemv.py"), "--shape", "64x32",
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "gemv.py"), "--shape", "64x64",
                           "--rows", "1,3", "--layers", "2", "--rounds", "1"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "->" not in line]
-    assert [r[0] for r in rows] == ["1", "3"] and all(len(r) == 11 for r in rows), out
+    assert [r[0] for r in rows] == ["1", "3"] and all(len(r) == 17 for r in rows), out
 
 
 def test_no_compiler_means_torch_ops_and_a_warning(monkeypatch, caplog):
