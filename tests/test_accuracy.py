@@ -13,8 +13,12 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
            "Who wrote Romeo and Juliet?", "Explain gravity to a child.", "What is 12 times 7?",
            "Name a famous painter.", "Give me a tip for sleeping well."]
 # bf16, int8 and int4 round every matmul: where greedy paths part, the two runs' logprobs of the
-# contested tokens must still agree this closely (and each choice be in the other's top 2)
-TOLERANCE = {"bfloat16": 0.3, "int8": 0.3, "int4": 0.3}
+# contested tokens must still agree this closely (and each choice be in the other's top 2).
+# int8's per-channel weights alone move this model's logprobs by 0.08 on average and up to
+# 0.46-0.53 (teacher-forced over tests/data/perplexity.txt, with its VNNI kernel or a dequantized
+# bf16 matmul alike); one prompt's first near-tie sits at 0.22-0.38 depending on the kernels'
+# last-bit rounding, hence 0.4 there.
+TOLERANCE = {"bfloat16": 0.3, "int8": 0.4, "int4": 0.3}
 
 
 @pytest.fixture(scope="module")

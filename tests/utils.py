@@ -62,6 +62,21 @@ def _byte_of(ch: str) -> int:
     return _byte_decoder()[ch]
 
 
+def count_step_calls(obj, name: str) -> dict:
+    """Wrap obj.<name>(input_ids, positions, md) (a runner's step): counts its calls and the batch
+    sizes it saw, in the returned dict."""
+    calls = {"calls": 0, "sizes": set()}
+    inner = getattr(obj, name)
+
+    def counting(input_ids, positions, md):
+        calls["calls"] += 1
+        calls["sizes"].add(md.num_seqs)
+        return inner(input_ids, positions, md)
+
+    setattr(obj, name, counting)
+    return calls
+
+
 class PagedRunner:
     """Runs a lamina model over whole sequences with a trivially allocated paged cache."""
 

@@ -7,6 +7,7 @@ from lamina.sampling_params import SamplingParams
 from tests.engine.agreement import assert_greedy_agree
 from tests.engine.test_engine import make_engine as _make_engine
 from tests.engine.test_engine import random_prompts, run
+from tests.utils import count_step_calls
 
 
 def make_engine(model_dir, **kw):
@@ -26,20 +27,12 @@ def test_compiled_decode_matches_eager(tiny_model_dir):
     compiled_engine = make_engine(tiny_model_dir, enforce_eager=False)
     runner = compiled_engine.runner
     assert runner.compiled_forward is not None and COMPILED_MAX_BATCH < 20
-    calls = {"compiled": 0, "sizes": set()}
-    inner = runner.compiled_forward
-
-    def counting(input_ids, positions, md):
-        calls["compiled"] += 1
-        calls["sizes"].add(md.num_seqs)
-        return inner(input_ids, positions, md)
-
-    runner.compiled_forward = counting
+    calls = count_step_calls(runner, "compiled_forward")
     # both graphs (batch 1; batches 2+) were built at start-up: serving must never compile again
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = run(compiled_engine, prompts, params, stagger=1)
         single = run(compiled_engine, prompts[:1], params)
-    assert calls["compiled"] > 0 and 1 in calls["sizes"]
+    assert calls["calls"] > 0 and 1 in calls["sizes"]
     if runner.compiled_max_batch is None:  # the cpu backend: larger batches compiled too
         assert max(calls["sizes"]) > COMPILED_MAX_BATCH
     else:

@@ -15,6 +15,7 @@ from lamina.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from lamina.sampling_params import SamplingParams
 from tests.engine.agreement import assert_greedy_agree
 from tests.engine.test_engine import make_engine, random_prompts, run
+from tests.utils import count_step_calls
 
 PARAMS = SamplingParams(max_tokens=16, temperature=0, logprobs=2, ignore_eos=True)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,19 +30,6 @@ def test_graph_batch_sizes():
     assert all(b - a == 16 for a, b in zip(sizes[4:], sizes[5:]))
 
 
-def _count_runs(graphs: DecodeGraphs) -> dict:
-    calls = {"runs": 0, "sizes": set()}
-    inner = graphs.run
-
-    def counting(input_ids, positions, md):
-        calls["runs"] += 1
-        calls["sizes"].add(md.num_seqs)
-        return inner(input_ids, positions, md)
-
-    graphs.run = counting
-    return calls
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_padded_decode_buckets_match_unpadded(tiny_model_dir, backend):
     # 12 prompts admitted one per step, then finishing one per step: pure-decode batches of 12
@@ -53,7 +41,7 @@ def test_padded_decode_buckets_match_unpadded(tiny_model_dir, backend):
     runner = engine.runner
     runner.decode_graphs = DecodeGraphs(runner._step, max_batch=8, max_seq_len=engine.max_model_len,
                                         block_size=runner.block_size, device=runner.device, capture=False)
-    calls = _count_runs(runner.decode_graphs)
+    calls = count_step_calls(runner.decode_graphs, "run")
     padded = run(engine, prompts, PARAMS, stagger=1)
     assert calls["sizes"] == set(range(1, 9))
     for a, b in zip(plain, padded):
@@ -69,10 +57,10 @@ def test_captured_graphs_match_eager(tiny_model_dir, dtype, monkeypatch):
     engine = make_engine(tiny_model_dir, dtype=dtype, enforce_eager=None, max_num_seqs=20)
     graphs = engine.runner.decode_graphs
     assert graphs is not None and graphs.capture and sorted(graphs.graphs) == [1, 2, 4, 8, 16, 32]
-    calls = _count_runs(graphs)
+    calls = count_step_calls(graphs, "run")
     captured = run(engine, prompts, PARAMS, stagger=5)
     single = run(engine, prompts[:1], PARAMS)
-    assert calls["runs"] > 0 and 1 in calls["sizes"] and max(calls["sizes"]) == 20
+    assert calls["calls"] > 0 and 1 in calls["sizes"] and max(calls["sizes"]) == 20
     for a, b in zip(eager, captured):
         assert_greedy_agree(a, b)
     assert_greedy_agree(eager[0], single[0])
