@@ -244,7 +244,7 @@ class ModelRunner:
         # on 2 cores) are dropped; the guards on the step's own inputs remain.
         # That is only safe while one compiled graph never serves another model: Dynamo keeps its
         # graphs per code object, so this engine compiles its own copy of the forward's code.
-        self.compiled_forward = self._compile(type(self.model).forward, cpp_wrapper=self.device.type == "cpu")
+        self.compiled_forward = self._compile(type(self.model).forward, cpp_wrapper=True)
         log.info("compiling the decode step with torch.compile (minutes the first time, cached after; "
                  "--enforce-eager skips it)")
         start = time.perf_counter()
@@ -267,8 +267,8 @@ class ModelRunner:
     def _compile(self, method, cpp_wrapper: bool = False):
         """torch.compile of this engine's own copy of one of the model's methods (see above).
         cpp_wrapper: the graph's code that calls its kernels and lamina's ops is C++ rather than
-        Python. That took 10-15 % off an int4 decode step of SmolLM2 (6.3 -> 5.5 ms, 2 cores; bf16
-        ~3 %), for ~30 s more of compiling the first time; a prefill step's ops are long enough
+        Python. That took 10-15 % off an int4 decode step of SmolLM2 (~6.3 -> ~5.4 ms, 2 cores; bf16
+        a few %), for ~80 s more of compiling the first time; a prefill step's ops are long enough
         for Python's calls not to matter."""
         own = types.FunctionType(method.__code__.replace(), method.__globals__, method.__name__,
                                  method.__defaults__, method.__closure__)

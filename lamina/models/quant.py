@@ -9,9 +9,10 @@ Decoding a small model is bound by how many weight bytes each token reads.
 - bf16 weights on CPU keep their bytes but are packed once for lamina's GEMM (`use_cpu_gemm`),
   which beats torch's matmul at every row count on a 2-core Zen 4 (`python bench/gemv.py`).
 On CPU, int8 and int4 weights are packed once at load for lamina's VNNI kernels (cpu_quant.cpp),
-which serve up to a few hundred rows (decode batches; ~3x torch's own int4 and int8 kernels at one
-row); more rows (prefill) dequantize the weight and run one bf16 matmul. Without the C++ kernels
-(no compiler, not on CPU, shapes off the 16 x 32 grid) the layers fall back to torch's ops.
+which serve up to a few hundred rows (decode batches; at one row, weights out of cache, ~2x torch's
+int8 kernel and 1.2-1.3x its int4 one); more rows (prefill) dequantize the weight and run one bf16
+matmul. Without the C++ kernels (no compiler, not on CPU, shapes off the 16 x 32 grid) the layers
+fall back to torch's ops.
 """
 from __future__ import annotations
 
