@@ -137,15 +137,17 @@ class Lamina(System):
         from lamina import LLM, SamplingParams
         self.SamplingParams = SamplingParams
         t0 = time.time()
+        # max_num_batched_tokens None: LLM's own default
+        step_budget = {} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}
         self.llm = LLM(model, dtype=dtype, quantization=quantization, enforce_eager=True if eager else None,
-                       num_threads=threads, kv_cache_memory=kv_cache_memory,
-                       max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+                       num_threads=threads, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, **step_budget)
         runner = self.llm.engine.runner
         self.weight_bytes = weight_bytes_torch(runner.model)
         import torch
         self.info = {"load_s": round(time.time() - t0, 2), "dtype": str(runner.dtype).replace("torch.", ""),
                      "quantization": quantization, "compiled": runner.compiled_forward is not None, "torch_threads": torch.get_num_threads(),
-                     "kv_cache_memory": kv_cache_memory, "max_num_batched_tokens": max_num_batched_tokens,
+                     "kv_cache_memory": kv_cache_memory,
+                     "max_num_batched_tokens": self.llm.engine.config.max_num_batched_tokens,
                      "max_num_seqs": max_num_seqs}
 
     def _params(self, max_tokens):
@@ -308,7 +310,7 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help="lamina: no torch.compile (enforce_eager=True)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--kv-cache-memory", type=int, default=1 * GIB)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: LLM's")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--n-ctx", type=int, default=2048, help="llama-cpp-python context")
     ap.add_argument("--prompt-len", type=int, default=48)

@@ -13,6 +13,12 @@ from lamina.tokenizer import Tokenizer
 Prompt = str | list[int] | dict
 
 
+# LLM runs whole lists of prompts for throughput, so a step may take up to this many new tokens
+# (EngineConfig's 2048 keeps a server's running decodes from waiting behind a long prefill chunk).
+# 128 prompts of 16-512 tokens on 2 cores: 207-218 -> 224-231 output tok/s.
+OFFLINE_MAX_NUM_BATCHED_TOKENS = 8192
+
+
 class LLM:
     """An engine in the caller's thread. Every call runs all its prompts through the engine at
     once (continuous batching), so a list of 256 prompts costs far less than 256 calls.
@@ -28,6 +34,7 @@ class LLM:
         unknown = set(engine_options) - known
         if unknown:
             raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
+        engine_options.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **engine_options))
         self._ids = itertools.count()
 

@@ -95,3 +95,17 @@ def test_async_engine_streams_and_aborts(tiny_model_dir):
         assert engine.stats.request_success_total.get("abort") == 1
     finally:
         engine.shutdown()
+
+
+def test_llm_takes_bigger_steps_than_a_server_by_default(llm, tiny_model_dir):
+    """LLM (offline) steps take up to OFFLINE_MAX_NUM_BATCHED_TOKENS new tokens, EngineConfig's
+    (the server's) fewer; an explicit budget wins, and the chunking changes no token."""
+    from lamina.llm import OFFLINE_MAX_NUM_BATCHED_TOKENS
+    assert llm.engine.config.max_num_batched_tokens == OFFLINE_MAX_NUM_BATCHED_TOKENS
+    assert EngineConfig().max_num_batched_tokens < OFFLINE_MAX_NUM_BATCHED_TOKENS
+    small = LLM(tiny_model_dir, dtype="float32", kv_cache_memory=32 << 20, max_num_batched_tokens=16)
+    assert small.engine.config.max_num_batched_tokens == 16
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 250 for j in range(40 + 9 * i)]} for i in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    big_steps = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, params)] == big_steps
