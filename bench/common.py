@@ -227,7 +227,8 @@ def weight_bytes_torch(model) -> int:
     """Bytes of weights one decode step reads: every tensor of every module except embedding tables
     (a lookup reads one row), counting each storage once; a tied lm_head counts the table once, as
     the lm_head. Buffers count only when they are weights (`weight`, `scale`, `bias`: int8 linears;
-    `scale_zero`: int4; `packed`: bf16 linears packed for lamina's CPU GEMM), not rotary caches."""
+    `minimum`: int4 without lamina's kernels; `packed`: int8/int4/bf16 weights packed for lamina's
+    CPU kernels), not rotary caches."""
     import torch
     seen: set[int] = set()
     total = 0
@@ -235,7 +236,7 @@ def weight_bytes_torch(model) -> int:
         if isinstance(module, torch.nn.Embedding):
             continue
         tensors = list(module.named_parameters(recurse=False)) + [
-            (n, b) for n, b in module.named_buffers(recurse=False) if n in ("weight", "scale", "bias", "scale_zero", "packed")]
+            (n, b) for n, b in module.named_buffers(recurse=False) if n in ("weight", "scale", "bias", "minimum", "packed")]
         for _, t in tensors:
             if t is None or t.data_ptr() in seen:
                 continue

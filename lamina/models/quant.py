@@ -31,6 +31,8 @@ QUANT_BLOCK = 16  # output channels per block of the packed int8/int4 layouts (c
 # 576 x 3072 layer: `python bench/gemv.py`)
 INT8_DEQUANT_MIN_ROWS = 128
 INT4_DEQUANT_MIN_ROWS = 256
+# Without lamina's kernels, torch's int8 GEMV serves int8 layers below this many rows
+TORCH_INT8_GEMV_MAX_ROWS = 16
 
 
 def _rows(x: torch.Tensor, in_features: int) -> int:
@@ -69,7 +71,7 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.use_kernel and rows < INT8_DEQUANT_MIN_ROWS:
             y = torch.ops.lamina.int8_packed_linear(flat, self.packed, self.scale).reshape(*x.shape[:-1], self.out_features)
-        elif not self.use_kernel and self.use_torch_gemv and rows < 16:
+        elif not self.use_kernel and self.use_torch_gemv and rows < TORCH_INT8_GEMV_MAX_ROWS:
             y = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
         else:
             y = nn.functional.linear(x, self.int8_weight().to(x.dtype) * self.scale[:, None].to(x.dtype))
