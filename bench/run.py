@@ -11,8 +11,8 @@ Sections
   decode    single stream: TTFT of a 48-token prompt, decode tok/s over 256 generated tokens, the bytes
             of weights each token reads, achieved GB/s and % of the measured bandwidth, the roofline tok/s
   prefill   a 512-token prompt: prompt tokens / time to the first token
-  offline   128 prompts (--offline-prompts; bench/offline.py alone: 256) of 16-512 tokens, 64 new tokens
-            each, all at once, vs one at a time, transformers batched, llama-server (bench/offline.py)
+  offline   256 prompts (the performance issue's workload; --offline-prompts) of 16-512 tokens, 64 new
+            tokens each, all at once, vs one at a time, transformers batched, llama-server (bench/offline.py)
   serve     `lamina serve` vs `llama-server --parallel 32`, both driven by bench/serve.py over a
             concurrency sweep (1, 4, 16, 32, 64): TTFT / ITL p50-p99, output tok/s
 
@@ -514,9 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-idle", type=float, default=120.0,
                     help="before each measurement, wait up to this many seconds for other processes to leave "
                          "the CPUs idle (default: %(default)s; 0: never wait). Busy measurements are flagged")
-    ap.add_argument("--offline-prompts", type=int, default=128,
-                    help="prompts in the offline set (default %(default)s, to keep the suite under 20 minutes on 2 "
-                         "cores; bench/offline.py alone uses 256)")
+    ap.add_argument("--offline-prompts", type=int, default=256,
+                    help="prompts in the offline set (default %(default)s, as bench/offline.py; 128 halves the "
+                         "section's time on 2 cores)")
     ap.add_argument("--serve-levels", default="1,4,16,32,64")
     ap.add_argument("--serve-max-tokens", type=int, default=64)
     ap.add_argument("--serve-prompt-words", type=int, default=100)
