@@ -143,3 +143,17 @@ def test_compiles_into_one_graph():
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(q, md.block_tables, md.seq_lens), f(q, md.block_tables, md.seq_lens))
+
+
+def test_bench_cpu_attention_script_runs():
+    """bench/cpu_attention.py (the decode-attention roofline study in RESULTS.md) on a tiny case."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "cpu_attention.py"), "--seqs", "2,3",
+                          "--len", "40", "--threads", "1", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[1], r[3]) for r in rows] == [("2", "shuffled"), ("2", "in"), ("3", "shuffled"), ("3", "in")], out
+    assert all(float(r[-4]) > 0 and float(r[-1]) > 0 for r in rows), out
