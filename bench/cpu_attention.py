@@ -20,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import median  # noqa: E402
 from lamina.kernels import cpu  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def median_ms(fn, rounds: int) -> float:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * median(times)
 
 
 def case(seqs: int, length: int, heads: int, kv_heads: int, head_dim: int, block_size: int, shuffled: bool,
