@@ -14,6 +14,8 @@ The ops, registered in torch.ops.lamina:
                                             x [M, K] float32/bf16, packed uint8 [N/16, K/32, 320]
                                             (quant.pack_int4: Q4_1's grid) -> x's dtype
     bf16_packed_linear(x, packed)           x [M, K] bf16, packed [N/16, K/2, 16, 2] bf16 (quant.pack_bf16)
+    bf16_packed_swiglu(x, packed)           x [M, K] bf16, an MLP's [gate; up] weight [2I, K] packed by
+                                            quant.pack_bf16_swiglu -> silu(x @ gate^T) * (x @ up^T) [M, I]
     paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
                                             q [B, Hq, D] float32/bf16 -> float32, caches float32/bf16
     paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
@@ -96,6 +98,8 @@ def _register_shapes(namespace: str) -> None:
         lambda x, packed, scale, split_x=True: x.new_empty(x.shape[0], packed.shape[0] * 16))
     torch.library.register_fake(f"{namespace}::bf16_packed_linear")(
         lambda x, packed: x.new_empty(x.shape[0], packed.shape[0] * 16))
+    torch.library.register_fake(f"{namespace}::bf16_packed_swiglu")(
+        lambda x, packed: x.new_empty(x.shape[0], packed.shape[0] * 8))
     torch.library.register_fake(f"{namespace}::paged_decode_attention")(
         lambda q, *rest: torch.empty_like(q, dtype=torch.float32))
     torch.library.register_fake(f"{namespace}::paged_prefill_attention")(lambda q, *rest: torch.empty_like(q))

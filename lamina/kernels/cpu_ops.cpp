@@ -4,6 +4,8 @@
 // A small model on a 2-core machine spends its time in per-call overheads and in the wrong memory
 // layout more than in arithmetic; these kernels avoid both:
 //   bf16_packed_linear  y = x @ W^T on a weight packed once for VDPBF16PS (any number of rows)
+//   bf16_packed_swiglu  the same GEMM for an MLP's fused gate/up weight, with SwiGLU applied to
+//                       the accumulators: its [M, 2I] product is never written out
 //   paged_decode_attention / paged_prefill_attention
 //                       attention reading the paged KV cache in place through the block table
 // Each has a plain C++ path for CPUs without AVX-512 (BF16), with the same sums in float32.
@@ -33,7 +35,41 @@ float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 constexpr int kTileRows = 8;        // MR: rows of x per register tile
 constexpr int kTileBlocks = 3;      // NB: 16-column blocks per register tile (8 x 3 accumulators)
+constexpr int kSwiGLURows = 6;      // the SwiGLU GEMM's tile: 6 rows x (2 gate + 2 up) blocks
 constexpr int64_t kChunkRows = 128; // rows per parallel task: a chunk of x stays in L2 across a strip
+
+#ifdef LAMINA_AVX512
+// exp(x) for x <= 0: 2^(x log2 e) split into 2^n (VSCALEFPS) times 2^f, f in [-1/2, 1/2], from its
+// Taylor series to degree 6 (relative error ~1e-7, float32's own)
+__m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.54035304e-4f);
+  for (const float c : {1.33335581e-3f, 9.61812911e-3f, 5.55041087e-2f, 2.40226507e-1f, 6.93147181e-1f, 1.0f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// v rounded to bf16 (nearest even) and widened back: what a bf16 tensor between two ops holds
+__m512 round_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int32_t(0xffff0000u))));
+}
+
+// silu(gate) * up from bf16-valued gate and up, rounded as silu_and_mul rounds (silu to bf16, then
+// the product), so that the fused GEMM and the two separate ops agree bit for bit
+__m512 swiglu16(__m512 gate, __m512 up) {
+  const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate), _mm512_set1_ps(88.f)));
+  return _mm512_mul_ps(round_bf16(_mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.f), e))), up);
+}
+#endif
+
+float swiglu1(float gate, float up) {  // swiglu16 on bf16-valued scalars, unrounded
+  return bf16_to_float(float_to_bf16(gate / (1.f + std::exp(-gate)))) * up;
+}
 
 #if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
 // The register tile behind every bf16 product here (the GEMM, attention's scores and its
@@ -55,83 +91,102 @@ inline void dpbf16_tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64
   }
 }
 
-template <int MR, int NB>
-void packed_tile(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* y, int64_t N) {
+// MR rows x NB blocks of x @ W^T, rounded to bf16 once. With SwiGLU the NB blocks are NB/2 gate
+// blocks then the NB/2 up blocks of the same channels (pack_bf16_swiglu's order), and y gets
+// silu(gate) * up: NB/2 blocks of the intermediate activation.
+template <int MR, int NB, bool SwiGLU>
+void packed_tile(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* y, int64_t ldy) {
   __m512 acc[MR][NB];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
   dpbf16_tile<MR, NB>(x, K, w, 32, K * 16, K / 2, acc);
-  for (int i = 0; i < MR; i++)
-    for (int j = 0; j < NB; j++)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * N + j * 16), (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
+  for (int i = 0; i < MR; i++) {
+    if constexpr (SwiGLU) {
+      for (int j = 0; j < NB / 2; j++) {
+        const __m512 h = swiglu16(round_bf16(acc[i][j]), round_bf16(acc[i][j + NB / 2]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy + j * 16), (__m256i)_mm512_cvtneps_pbh(h));
+      }
+    } else {
+      for (int j = 0; j < NB; j++)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy + j * 16), (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
+    }
+  }
 }
 
-template <int NB>
-void packed_rows(const uint16_t* x, int64_t rows, int64_t K, const uint16_t* w, uint16_t* y, int64_t N) {
+// `rows` rows: whole tiles of MR, then one tile of the rows left
+template <int MR, int NB, bool SwiGLU>
+void packed_rows(const uint16_t* x, int64_t rows, int64_t K, const uint16_t* w, uint16_t* y, int64_t ldy) {
   int64_t m = 0;
-  for (; m + kTileRows <= rows; m += kTileRows) packed_tile<kTileRows, NB>(x + m * K, K, w, y + m * N, N);
-  switch (rows - m) {
-    case 7: packed_tile<7, NB>(x + m * K, K, w, y + m * N, N); break;
-    case 6: packed_tile<6, NB>(x + m * K, K, w, y + m * N, N); break;
-    case 5: packed_tile<5, NB>(x + m * K, K, w, y + m * N, N); break;
-    case 4: packed_tile<4, NB>(x + m * K, K, w, y + m * N, N); break;
-    case 3: packed_tile<3, NB>(x + m * K, K, w, y + m * N, N); break;
-    case 2: packed_tile<2, NB>(x + m * K, K, w, y + m * N, N); break;
-    case 1: packed_tile<1, NB>(x + m * K, K, w, y + m * N, N); break;
-  }
+  for (; m + MR <= rows; m += MR) packed_tile<MR, NB, SwiGLU>(x + m * K, K, w, y + m * ldy, ldy);
+  if constexpr (MR > 1)
+    if (rows > m) packed_rows<MR - 1, NB, SwiGLU>(x + m * K, rows - m, K, w, y + m * ldy, ldy);
 }
 #endif
 
-// rows x [16 * blocks] of y: the plain path, the same sums in float32
+// rows x [16 * blocks] of y: the plain path, the same sums in float32 (SwiGLU: as packed_tile)
 void packed_rows_plain(const uint16_t* x, int64_t rows, int64_t K, const uint16_t* w, int64_t blocks,
-                       uint16_t* y, int64_t N) {
-  std::vector<float> acc(16);
-  for (int64_t m = 0; m < rows; m++)
+                       uint16_t* y, int64_t ldy, bool swiglu) {
+  std::vector<float> acc(16 * blocks);
+  for (int64_t m = 0; m < rows; m++) {
+    std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t b = 0; b < blocks; b++) {
-      std::fill(acc.begin(), acc.end(), 0.f);
       const uint16_t* wb = w + b * K * 16;
       for (int64_t k = 0; k < K; k++) {
         const float xk = bf16_to_float(x[m * K + k]);
-        for (int c = 0; c < 16; c++) acc[c] += xk * bf16_to_float(wb[(k / 2) * 32 + c * 2 + k % 2]);
+        for (int c = 0; c < 16; c++) acc[b * 16 + c] += xk * bf16_to_float(wb[(k / 2) * 32 + c * 2 + k % 2]);
       }
-      for (int c = 0; c < 16; c++) y[m * N + b * 16 + c] = float_to_bf16(acc[c]);
     }
+    const int64_t half = 8 * blocks;  // SwiGLU: gate columns, then as many up columns
+    for (int64_t c = 0; c < (swiglu ? half : 16 * blocks); c++)
+      y[m * ldy + c] = float_to_bf16(swiglu ? swiglu1(bf16_to_float(float_to_bf16(acc[c])),
+                                                      bf16_to_float(float_to_bf16(acc[half + c])))
+                                            : acc[c]);
+  }
 }
 
-at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed) {
+// y = x @ W^T (or SwiGLU's silu(x @ G^T) * (x @ U^T)) over tasks of kChunkRows rows x one strip of
+// `strip_blocks` weight blocks
+at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& packed, bool swiglu) {
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 2 && packed.is_contiguous()
               && packed.scalar_type() == at::kBFloat16, "packed weight must be contiguous bfloat16 [N/16, K/2, 16, 2]");
   const int64_t N = packed.size(0) * 16, K = packed.size(1) * 2;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kBFloat16, "x must be bfloat16 [M, ", K, "]");
-  const int64_t M = x.size(0);
+  TORCH_CHECK(!swiglu || N % 64 == 0, "a SwiGLU weight needs 2 x a multiple of 32 output channels, got ", N);
+  const int64_t M = x.size(0), ldy = swiglu ? N / 2 : N;
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "lamina's CPU GEMM takes CPU tensors");
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = at::empty({M, ldy}, x.options());
   auto xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   auto wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   auto yp = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t blocks = N / 16;
-  const int64_t strips = (blocks + kTileBlocks - 1) / kTileBlocks;
+  const int64_t blocks = N / 16, strip_blocks = swiglu ? 4 : kTileBlocks;
+  const int64_t strips = (blocks + strip_blocks - 1) / strip_blocks;
   const int64_t chunks = (M + kChunkRows - 1) / kChunkRows;
   at::parallel_for(0, chunks * strips, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; task++) {
       const int64_t m0 = (task / strips) * kChunkRows, rows = std::min(kChunkRows, M - m0);
-      const int64_t b0 = (task % strips) * kTileBlocks, nb = std::min<int64_t>(kTileBlocks, blocks - b0);
+      const int64_t b0 = (task % strips) * strip_blocks, nb = std::min<int64_t>(strip_blocks, blocks - b0);
       const uint16_t* xs = xp + m0 * K;
       const uint16_t* ws = wp + b0 * K * 16;
-      uint16_t* ys = yp + m0 * N + b0 * 16;
+      uint16_t* ys = yp + m0 * ldy + (swiglu ? b0 / 2 : b0) * 16;
 #if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
       static_assert(kTileBlocks == 3, "the dispatch below covers 1 to 3 blocks");
-      if (nb == 3) packed_rows<3>(xs, rows, K, ws, ys, N);
-      else if (nb == 2) packed_rows<2>(xs, rows, K, ws, ys, N);
-      else packed_rows<1>(xs, rows, K, ws, ys, N);
+      if (swiglu) packed_rows<kSwiGLURows, 4, true>(xs, rows, K, ws, ys, ldy);
+      else if (nb == 3) packed_rows<kTileRows, 3, false>(xs, rows, K, ws, ys, ldy);
+      else if (nb == 2) packed_rows<kTileRows, 2, false>(xs, rows, K, ws, ys, ldy);
+      else packed_rows<kTileRows, 1, false>(xs, rows, K, ws, ys, ldy);
 #else
-      packed_rows_plain(xs, rows, K, ws, nb, ys, N);
+      packed_rows_plain(xs, rows, K, ws, nb, ys, ldy, swiglu);
 #endif
     }
   });
   return out;
 }
+
+at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed) { return packed_gemm(x, packed, false); }
+
+// x @ [G; U]^T -> silu(x @ G^T) * (x @ U^T) in one pass: the [M, 2I] product never reaches memory
+at::Tensor bf16_packed_swiglu(const at::Tensor& x, const at::Tensor& packed) { return packed_gemm(x, packed, true); }
 
 // ---------------------------------------------------------------------------------------------
 // Paged decode attention: one new token per sequence attends over its cached K/V, read in place
@@ -174,17 +229,6 @@ void axpy(float p, const T* b, float* y, int64_t n) {
 }
 
 #ifdef LAMINA_AVX512
-// exp(x) for x <= 0: 2^(x log2 e) split into 2^n (VSCALEFPS) times 2^f, f in [-1/2, 1/2], from its
-// Taylor series to degree 6 (relative error ~1e-7, float32's own)
-__m512 exp16(__m512 x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.54035304e-4f);
-  for (const float c : {1.33335581e-3f, 9.61812911e-3f, 5.55041087e-2f, 2.40226507e-1f, 6.93147181e-1f, 1.0f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
 
 // lane i of the result = the sum of v[i]'s 16 lanes: a transposing tree of 15 adds, where 16
 // separate horizontal sums would take ~8 instructions each
@@ -464,6 +508,61 @@ void values_rows(const uint16_t* p, const float* alpha, const uint16_t* vp, int6
   for (; r < R; r++) chunk_values<1, NV>(p + r * kKeyChunk, alpha + r, vp, len, o + r * NV * 16);
 }
 
+// r[i] = 16 dwords of row i -> r[j] = dword j of each row
+void transpose16x16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; i++) {  // per 128-bit lane: pairs of rows 2i, 2i+1
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {  // r[4i + j], 128-bit lane L: dword 4L + j of rows 4i..4i+3
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; j++) {  // then a 4 x 4 transpose of 128-bit lanes over r[j], r[4+j], r[8+j], r[12+j]
+    const __m512i u0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), u1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
+    const __m512i u2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88), u3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
+    t[j] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+    t[8 + j] = _mm512_shuffle_i32x4(u0, u2, 0xdd);
+    t[12 + j] = _mm512_shuffle_i32x4(u1, u3, 0xdd);
+  }
+  for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+// Keys t0 .. t0 + len - 1 into the products' layouts: kt [D/2][kKeyChunk], dword (pair of dims) dp
+// of key t at dp * kKeyChunk + t, and vp [kKeyChunk/2][D][2], value d of keys 2i and 2i+1 side by
+// side. Keys past len are zeros (a masked score; an odd key's partner in the values' pairs).
+template <typename Row>
+void load_chunk(const Row& row, const uint16_t* k_cache, const uint16_t* v_cache, int64_t t0, int64_t len,
+                int64_t D, uint32_t* kt, uint16_t* vp) {
+  for (int64_t c = 0; c < kKeyChunk; c += 16) {
+    const uint16_t* keys[16];
+    for (int i = 0; i < 16; i++) keys[i] = c + i < len ? row(k_cache, t0 + c + i) : nullptr;
+    for (int64_t dp = 0; dp < D / 2; dp += 16) {
+      __m512i m[16];
+      for (int i = 0; i < 16; i++) m[i] = keys[i] ? _mm512_loadu_si512(keys[i] + 2 * dp) : _mm512_setzero_si512();
+      transpose16x16(m);
+      for (int j = 0; j < 16; j++) _mm512_storeu_si512(kt + (dp + j) * kKeyChunk + c, m[j]);
+    }
+  }
+  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t t = 0; t < len; t += 2) {
+    const uint16_t* a = row(v_cache, t0 + t);
+    const uint16_t* b = t + 1 < len ? row(v_cache, t0 + t + 1) : nullptr;
+    uint16_t* out = vp + t * D;  // pair t/2
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512i va = _mm512_loadu_si512(a + d), vb = b ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + 2 * d, _mm512_permutex2var_epi16(va, low, vb));
+      _mm512_storeu_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(va, high, vb));
+    }
+  }
+}
+
 struct TileScratch {
   std::vector<uint32_t> kt;
   std::vector<uint16_t> vp, p;
@@ -485,15 +584,7 @@ void prefill_tile(const uint16_t* qrows, int64_t R, int64_t group, int64_t ctx0,
   const int64_t end = ctx0 + (R - 1) / group + 1;  // keys the last row sees
   for (int64_t t0 = 0; t0 < end; t0 += kKeyChunk) {
     const int64_t len = std::min(kKeyChunk, end - t0);
-    std::fill(w.kt.begin(), w.kt.end(), 0u);
-    if (len % 2) std::fill(w.vp.begin(), w.vp.end(), uint16_t(0));  // the odd key's partner
-    for (int64_t t = 0; t < len; t++) {
-      const uint16_t* k = row(k_cache, t0 + t);
-      const uint16_t* v = row(v_cache, t0 + t);
-      for (int64_t dp = 0; dp < D / 2; dp++) std::memcpy(&w.kt[dp * kKeyChunk + t], k + 2 * dp, 4);
-      uint16_t* vp = w.vp.data() + (t / 2) * D * 2 + t % 2;
-      for (int64_t d = 0; d < D; d++) vp[2 * d] = v[d];
-    }
+    load_chunk(row, k_cache, v_cache, t0, len, D, w.kt.data(), w.vp.data());
     // the rows that see any key of this chunk: all but the first few tokens' on the first chunks
     const int64_t first_token = std::max<int64_t>(0, t0 - ctx0);
     const int64_t r0 = first_token * group;
@@ -614,9 +705,16 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
 #else
         prefill_tile_plain(qrows.data(), R, group, ctx0, row, kc, vc, D, float(scale), o.data());
 #endif
-        for (int64_t i = 0; i < t.count; i++)
-          for (int64_t j = 0; j < group * D; j++)
-            op[((starts[t.seq] + t.first + i) * Hq + t.kv_head * group) * D + j] = float_to_bf16(o[i * group * D + j]);
+        for (int64_t i = 0; i < t.count; i++) {
+          uint16_t* dst = op + ((starts[t.seq] + t.first + i) * Hq + t.kv_head * group) * D;
+          const float* src = o.data() + i * group * D;
+          int64_t j = 0;
+#if defined(LAMINA_AVX512) && defined(__AVX512BF16__)
+          for (; j + 16 <= group * D; j += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+#endif
+          for (; j < group * D; j++) dst[j] = float_to_bf16(src[j]);
+        }
       }
   });
   return out;
@@ -729,11 +827,13 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 LAMINA_DEFINE_LIBRARY(LAMINA_NAMESPACE, m) {
   m.def("bf16_packed_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, float scale) -> Tensor");
+  m.def("bf16_packed_swiglu(Tensor x, Tensor packed) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.impl("bf16_packed_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_packed_linear));
   m.impl("paged_prefill_attention", c10::DispatchKey::CPU, TORCH_FN(paged_prefill_attention));
+  m.impl("bf16_packed_swiglu", c10::DispatchKey::CPU, TORCH_FN(bf16_packed_swiglu));
   m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));
   m.impl("add_rms_norm", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm));
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));

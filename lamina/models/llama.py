@@ -103,7 +103,10 @@ class MLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        h = self.gate_up_proj(x)
+        if not getattr(self.gate_up_proj, "fuses_swiglu", False):  # lamina's CPU GEMM applies it itself
+            h = self.ops.silu_and_mul(h)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):

@@ -7,7 +7,8 @@ Decoding a small model is bound by how many weight bytes each token reads.
   Q4_1, is reproduced almost exactly (its blocks' min and max land back on the same grid). The
   lm_head stays int8.
 - bf16 weights on CPU keep their bytes but are packed once for lamina's GEMM (`use_cpu_gemm`),
-  which beats torch's matmul at every row count on a 2-core Zen 4 (`python bench/gemv.py`).
+  which beats torch's matmul at every row count on a 2-core Zen 4 (`python bench/gemv.py`). An
+  MLP's fused gate/up projection applies SwiGLU inside that GEMM (`Bf16SwiGLU`).
 On CPU, int8 and int4 weights are packed once at load for lamina's VNNI kernels (cpu_quant.cpp),
 which serve up to a few hundred rows (decode batches; at one row, weights out of cache, ~2x torch's
 int8 kernel and 1.2-1.3x its int4 one); more rows (prefill) dequantize the weight and run one bf16
@@ -197,14 +198,45 @@ class Bf16Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def pack_bf16_swiglu(weight: torch.Tensor) -> torch.Tensor:
+    """An MLP's [gate; up] weight [2I, K] -> pack_bf16's layout with the 16-channel blocks reordered
+    to gate 2j, 2j+1, up 2j, 2j+1 (j = 0 .. I/32 - 1): each strip of 4 blocks that
+    torch.ops.lamina.bf16_packed_swiglu multiplies holds the gate and up rows of the same 32 channels."""
+    n, k = weight.shape
+    blocks = weight.detach().view(2, n // 64, 2, 16, k)          # [gate/up, j, block of the pair, 16, K]
+    return pack_bf16(blocks.transpose(0, 1).reshape(n, k))
+
+
+class Bf16SwiGLU(nn.Module):
+    """An MLP's fused gate/up projection that returns silu(gate) * up itself: lamina's GEMM applies
+    SwiGLU to its accumulators, so the [T, 2I] product is never written to memory and read back
+    (at a prefill step of 8k tokens that was 50 MB a layer). The result matches silu_and_mul of
+    Bf16Linear's output bit for bit."""
+    fuses_swiglu = True  # MLP.forward skips its own silu_and_mul
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("packed", pack_bf16_swiglu(linear.weight))
+        self.in_features, self.out_features = linear.in_features, linear.out_features // 2
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        return Bf16Linear.fits(linear) and linear.bias is None and linear.out_features % 64 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.lamina.bf16_packed_swiglu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
 def use_cpu_gemm(model: nn.Module) -> bool:
-    """Route a bf16 CPU model's matmuls to lamina's C++ GEMM. False (nothing changed) where the
-    kernels are unavailable."""
+    """Route a bf16 CPU model's matmuls to lamina's C++ GEMM (an MLP's gate_up_proj to the SwiGLU
+    one). False (nothing changed) where the kernels are unavailable."""
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and Bf16Linear.fits(m)]
     if not linears or not cpu.usable(linears[0][1].weight):
         return False
     for name, linear in linears:
-        _replace(model, name, Bf16Linear(linear))
+        swiglu = name.rpartition(".")[2] == "gate_up_proj" and Bf16SwiGLU.fits(linear)
+        _replace(model, name, Bf16SwiGLU(linear) if swiglu else Bf16Linear(linear))
     return True
 
 

@@ -71,7 +71,8 @@ def _prefill_case(new_tokens, cached, heads, kv_heads, head_dim, block_size=16, 
 
 PREFILL_CASES = [
     ([1], [0], 9, 3, 64),                        # one token, nothing cached
-    ([40], [0], 9, 3, 64),                       # a prompt past one key chunk (32) and query tile (16)
+    ([40], [0], 9, 3, 64),                       # a prompt within one key chunk (64) and query tile (64)
+    ([130], [5], 9, 3, 64),                      # 3 query tiles; 135 keys: a last chunk of 7 (odd, whole 16-key groups empty)
     ([17, 3, 64, 1], [0, 20, 33, 70], 9, 3, 64),  # a batch: prompts, chunks after a cached prefix, a decode row
     ([100], [37], 9, 3, 64),
     ([33], [7], 8, 8, 128),                      # no GQA, head_dim 128

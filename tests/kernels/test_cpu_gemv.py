@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from lamina.kernels import cpu
-from lamina.models.quant import (INT8_DEQUANT_MIN_ROWS, Bf16Linear, Int4Linear, Int8Linear, pack_bf16, pack_int4,
-                                 pack_int8, quantize_int4, unpack_int4, unpack_int8, use_cpu_gemm)
+from lamina.models.quant import (INT8_DEQUANT_MIN_ROWS, Bf16Linear, Bf16SwiGLU, Int4Linear, Int8Linear, pack_bf16,
+                                 pack_bf16_swiglu, pack_int4, pack_int8, quantize_int4, unpack_int4, unpack_int8,
+                                 use_cpu_gemm)
 
 pytestmark = pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build lamina's CPU kernels")
 
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build
 # tiny one.
 BF16_SHAPES = [(1, 576, 960), (3, 576, 48), (8, 1536, 80), (13, 64, 32), (130, 576, 16), (5, 2, 64),
                (1, 1536, 16), (2, 64, 128)]
+# (M, K, I) for bf16_packed_swiglu: tiles of 6 rows x (2 gate + 2 up blocks), chunks of 128 rows:
+# M covers one row, the 1..5-row remainders, a second chunk; I one and several strips of 32 channels
+SWIGLU_SHAPES = [(1, 576, 1536), (5, 64, 32), (6, 128, 64), (13, 576, 96), (131, 64, 64), (2, 1536, 32)]
 # int8/int4: tiles of up to 8 quantized rows (4 of x when split) x 4 blocks of 16 columns (1 block
 # from 4 rows): M covers 1..3 rows, 4+, and a second tile; N 1, 2, 3, 4 and 60 blocks
 QUANT_SHAPES = [(1, 576, 960), (3, 576, 64), (5, 1536, 576), (2, 96, 16), (16, 64, 32), (9, 64, 48), (4, 32, 16)]
@@ -49,6 +53,11 @@ def _check_ops(ns: str):
     torch.manual_seed(7)
     wide, w = torch.randn(11, 192).to(torch.bfloat16), torch.randn(32, 96).to(torch.bfloat16)
     _check_bf16(ops.bf16_packed_linear(wide[:, ::2], pack_bf16(w)), wide[:, ::2], w)
+    for m, k, i in SWIGLU_SHAPES:
+        torch.manual_seed(m + k + i)
+        x = torch.randn(m, k).to(torch.bfloat16)
+        w = (torch.randn(2 * i, k) * 2 / k ** 0.5).to(torch.bfloat16)   # gates on both sides of 0
+        _check_swiglu(ops, x, w)
 
     for m, k, n in QUANT_SHAPES:
         torch.manual_seed(m * k + n)
@@ -65,6 +74,18 @@ def _check_ops(ns: str):
                 xd = x.to(dtype)
                 _check_quant(ops.int8_packed_linear(xd, pack_int8(q8), scale, split), xd, w8, split)
                 _check_quant(ops.int4_packed_linear(xd, pack_int4(codes, d, lo), split), xd, w4, split)
+
+
+def _check_swiglu(ops, x: torch.Tensor, w: torch.Tensor):
+    """bf16_packed_swiglu(x, [gate; up]) is silu_and_mul of bf16_packed_linear's product bit for bit
+    (gate and up rounded to bf16, silu rounded, then the product), and near float32's SwiGLU."""
+    got = ops.bf16_packed_swiglu(x, pack_bf16_swiglu(w))
+    two_ops = ops.silu_and_mul(ops.bf16_packed_linear(x, pack_bf16(w)))
+    assert got.dtype == torch.bfloat16 and got.shape == (x.shape[0], w.shape[0] // 2)
+    assert torch.equal(got, two_ops)
+    gate, up = (x.float() @ w.float().T).chunk(2, dim=-1)
+    ref = nn.functional.silu(gate) * up
+    torch.testing.assert_close(got.float(), ref, rtol=2 ** -6, atol=2 ** -7 * ref.abs().max().item())
 
 
 def _check_quant(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, split: bool):
@@ -112,6 +133,41 @@ def test_pack_bf16_layout():
         assert packed[b, p, c, i] == w[16 * b + c, 2 * p + i]
 
 
+def test_pack_bf16_swiglu_layout():
+    """Blocks of 16 rows in the order gate 2j, gate 2j+1, up 2j, up 2j+1: per strip of 4 blocks, the
+    gate and up rows of the same 32 intermediate channels."""
+    i, k = 64, 4
+    w = torch.arange(2 * i * k, dtype=torch.float32).view(2 * i, k).to(torch.bfloat16)
+    packed = pack_bf16_swiglu(w)
+    assert packed.shape == (8, 2, 16, 2)
+    gate, up = w[:i].view(4, 16, k), w[i:].view(4, 16, k)
+    order = [gate[0], gate[1], up[0], up[1], gate[2], gate[3], up[2], up[3]]
+    assert torch.equal(packed, pack_bf16(torch.cat(order)))
+
+
+def test_swiglu_module_and_use_cpu_gemm():
+    """use_cpu_gemm gives an MLP's gate_up_proj the fused module (and only where its channels come in
+    whole strips of 32); MLP.forward then skips its own SwiGLU, with the same result."""
+    from types import SimpleNamespace
+    from lamina.kernels import cpu as cpu_ops
+    from lamina.models.llama import MLP
+    torch.manual_seed(3)
+    cfg = SimpleNamespace(hidden_size=64, intermediate_size=96)
+    mlp = MLP(cfg, cpu_ops).to(torch.bfloat16)
+    x = torch.randn(2, 7, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        before = mlp(x)
+        assert use_cpu_gemm(mlp)
+        assert isinstance(mlp.gate_up_proj, Bf16SwiGLU) and isinstance(mlp.down_proj, Bf16Linear)
+        after = mlp(x)
+    assert after.shape == before.shape == (2, 7, 64)
+    torch.testing.assert_close(after.float(), before.float(), rtol=2 ** -6, atol=2 ** -7 * before.abs().max().item())
+    # 2 x 48 channels: not whole strips of 32, so a plain packed GEMM and the MLP's own SwiGLU
+    odd = nn.ModuleDict({"gate_up_proj": nn.Linear(64, 96, bias=False).to(torch.bfloat16)})
+    assert not Bf16SwiGLU.fits(odd["gate_up_proj"]) and use_cpu_gemm(odd)
+    assert type(odd["gate_up_proj"]) is Bf16Linear
+
+
 def test_ops_match_torch_on_this_cpu():
     _check_ops("lamina")
 
@@ -142,6 +198,8 @@ def test_ops_reject_bad_shapes_with_a_clear_error():
     for bad in bad_weights:
         with pytest.raises(RuntimeError, match=r"packed weight must be contiguous bfloat16 \[N/16, K/2, 16, 2\]"):
             op(x, bad)
+    with pytest.raises(RuntimeError, match=r"a SwiGLU weight needs 2 x a multiple of 32 output channels, got 32"):
+        torch.ops.lamina.bf16_packed_swiglu(x, packed)
     p8 = pack_int8(torch.zeros(32, 64, dtype=torch.int8))
     with pytest.raises(RuntimeError, match=r"packed int8 weight must be contiguous uint8 \[N/16, K/32, 512\]"):
         torch.ops.lamina.int8_packed_linear(torch.zeros(2, 64), p8[..., :320].contiguous(), torch.ones(32))
@@ -159,8 +217,11 @@ def test_ops_compile_without_graph_breaks():
     p8, scale = pack_int8(torch.randint(-127, 128, (32, 64), dtype=torch.int8)), torch.rand(32)
     p4 = pack_int4(*quantize_int4(torch.randn(16, 32), 32))
 
+    swiglu = pack_bf16_swiglu(torch.randn(128, 64).to(torch.bfloat16))
+
     def f(x):
-        y = torch.relu(torch.ops.lamina.bf16_packed_linear(x, packed))
+        y = torch.ops.lamina.bf16_packed_swiglu(x, swiglu)
+        y = torch.relu(torch.ops.lamina.bf16_packed_linear(y, packed))
         y = torch.ops.lamina.int8_packed_linear(y, p8, scale) * 2
         return torch.ops.lamina.int4_packed_linear(y, p4)
 
