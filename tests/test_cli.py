@@ -64,3 +64,20 @@ def test_profile_steps_reports_where_time_goes(tiny_dir):
     for phase in ("schedule", "prepare", "forward", "sample", "detokenize"):
         assert phase in report
     assert "ms per step" in report
+
+
+def test_bench_step_profile_script_runs(tiny_dir):
+    """bench/step_profile.py (the step breakdown in bench/RESULTS.md) on the tiny model."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "step_profile.py"), "--model", tiny_dir,
+                          "--prompts", "3", "--min-len", "8", "--max-len", "40", "--max-tokens", "3",
+                          "--step-tokens", "64", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.stdout.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in ("prefill", "mixed", "decode")}
+    assert set(rows) == {"prefill", "mixed", "decode"}, out.stdout
+    # 3 prompts of 3 tokens: the last two tokens of each come from decode or mixed steps
+    assert int(rows["decode"][0]) + int(rows["mixed"][0]) >= 2, out.stdout
+    assert "one prefill step:" in out.stdout and "| op |" in out.stdout, out.stdout
