@@ -749,20 +749,9 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
       uint16_t* o = op + t * I;
       int64_t i = 0;
 #ifdef LAMINA_AVX512
-      const __m512 one = _mm512_set1_ps(1.f);
-      for (; i + 16 <= I; i += 16) {
-        const __m512 gv = bf16x16_load(g + i);
-        const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(88.f)));
-        uint16_t silu[16];
-        bf16x16_store(silu, _mm512_div_ps(gv, _mm512_add_ps(one, e)));
-        bf16x16_store(o + i, _mm512_mul_ps(bf16x16_load(silu), bf16x16_load(u + i)));
-      }
+      for (; i + 16 <= I; i += 16) bf16x16_store(o + i, swiglu16(bf16x16_load(g + i), bf16x16_load(u + i)));
 #endif
-      for (; i < I; i++) {
-        const float gi = bf16_to_float(g[i]);
-        const float silu = bf16_to_float(float_to_bf16(gi / (1.f + std::exp(-gi))));
-        o[i] = float_to_bf16(silu * bf16_to_float(u[i]));
-      }
+      for (; i < I; i++) o[i] = float_to_bf16(swiglu1(bf16_to_float(g[i]), bf16_to_float(u[i])));
     }
   });
   return out;
