@@ -727,10 +727,8 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
 #ifdef LAMINA_AVX512
 __m512 bf16x16_load(const uint16_t* p) { return load16(p); }
 void bf16x16_store(uint16_t* p, __m512 v) {  // round to nearest even, as torch does
-  __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+  const __m512i u = _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(u));
 }
 #endif
 
