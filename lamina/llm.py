@@ -7,6 +7,7 @@ from dataclasses import fields
 
 from lamina.config import EngineConfig
 from lamina.engine.engine import LLMEngine
+from lamina.engine.errors import RequestFailedError
 from lamina.sampling_params import RequestOutput, SamplingParams
 from lamina.tokenizer import Tokenizer
 
@@ -14,9 +15,11 @@ Prompt = str | list[int] | dict
 
 
 # LLM runs whole lists of prompts for throughput, so a step may take up to this many new tokens
-# (EngineConfig's 2048 keeps a server's running decodes from waiting behind a long prefill chunk).
-# 128 prompts of 16-512 tokens on 2 cores: 207-218 -> 224-231 output tok/s.
+# (EngineConfig's 2048 keeps a server's running decodes from waiting behind a long prefill chunk;
+# bench/offline.py measures the difference).
 OFFLINE_MAX_NUM_BATCHED_TOKENS = 8192
+# lists at least this long get a progress bar (use_tqdm=True)
+PROGRESS_MIN_PROMPTS = 2
 
 
 class LLM:
@@ -41,10 +44,18 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    def wait_until_compiled(self, timeout: float | None = None) -> bool:
+        """LLM(...) returns before its steps are compiled (on CPU they compile in the background and
+        swap in when ready; until then steps run eagerly). Block until they are; True if compiled
+        steps are in use, or the engine runs eagerly by choice (enforce_eager)."""
+        return self.engine.wait_until_compiled(timeout)
+
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
-                 ) -> list[RequestOutput]:
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         """Prompts may be strings, token-id lists, `{"prompt_token_ids": [...]}`, or a list of these.
-        Returns one finished RequestOutput per prompt, in order."""
+        Returns one finished RequestOutput per prompt, in order. A request the engine failed on
+        comes back with finish_reason "error" (and .error says why); the others are unaffected.
+        use_tqdm: a progress bar on stderr while a list of prompts runs."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -60,17 +71,28 @@ class LLM:
             self.engine.step()
             raise
         finished: dict[str, RequestOutput] = {}
-        while len(finished) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
+        bar = None
+        if use_tqdm and len(ids) >= PROGRESS_MIN_PROMPTS:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(ids), desc="Processed prompts", unit="prompt", dynamic_ncols=True)
+        try:
+            while len(finished) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return [finished[rid] for rid in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} messages) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self._chat_prompt(c, add_generation_prompt) for c in conversations], params)
+        return self.generate([self._chat_prompt(c, add_generation_prompt) for c in conversations], params,
+                             use_tqdm=use_tqdm)
 
     def _chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True) -> dict:
         tok = self.engine.tokenizer
@@ -90,6 +112,9 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id != rid:
                         continue
+                    if out.error is not None:
+                        done = True
+                        raise RequestFailedError(out.error)
                     if out.outputs[0].delta_text:
                         yield out.outputs[0].delta_text
                     done = out.finished

@@ -100,7 +100,7 @@ class CompletionOutput:
     text: str = ""                            # everything generated so far (stop strings removed)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None          # stop | length | abort
+    finish_reason: str | None = None          # stop | length | abort | error (the engine failed this request)
     stop_reason: int | str | None = None      # the stop string or token id that ended it
     # what is new since the previous output of this request (streaming)
     delta_text: str = ""
@@ -130,6 +130,7 @@ class RequestOutput:
     num_cached_tokens: int = 0                # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: str | None = None                  # why the engine failed this request (finish_reason "error")
 
     @property
     def text(self) -> str:

@@ -12,25 +12,32 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from lamina.config import EngineConfig
 from lamina.engine.engine import LLMEngine
-from lamina.engine.errors import EngineDeadError
+from lamina.engine.errors import EngineDeadError, RequestFailedError
 from lamina.sampling_params import RequestOutput, SamplingParams
 
 log = logging.getLogger("lamina.engine")
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig | LLMEngine):
+    """`on_death(exc)`, if given, is called once (from the step thread) when the step loop dies:
+    nothing more can be served, so a server should exit and let its supervisor restart it."""
+
+    def __init__(self, config: EngineConfig | LLMEngine, on_death: Callable[[BaseException], None] | None = None):
         self.engine = config if isinstance(config, LLMEngine) else LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = self.engine.config.model
         self.stats = self.engine.stats
+        self.on_death = on_death
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # guards _dead and _streams together: a request registers only while the loop is alive, and
+        # the loop's death fails every stream registered before it
+        self._lock = threading.Lock()
         self._dead: BaseException | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
@@ -44,8 +51,6 @@ class AsyncEngine:
                        prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (each carries the deltas since the previous one). Invalid
         requests raise before the first output. Leaving the loop early aborts the request."""
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine has stopped: {self._dead}")
         request_id = request_id or uuid.uuid4().hex
         if isinstance(prompt, list) and prompt_text is not None:
             prompt = {"prompt": prompt_text, "prompt_token_ids": prompt}
@@ -53,20 +58,28 @@ class AsyncEngine:
         self.validate(ids, params)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (loop, stream)
+        with self._lock:
+            if self._dead is not None or self._stopping:
+                raise EngineDeadError("the engine has stopped" if self._dead is not None else "the engine is shutting down")
+            self._streams[request_id] = (loop, stream)
         self._commands.put(("add", request_id, prompt, params, time.time()))
         finished = False
         try:
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine is done with it
                     raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(item.error)
                 finished = item.finished
                 yield item
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
+            with self._lock:
+                self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
 
@@ -74,18 +87,18 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self._stopping = True
+        """Stop the step loop; requests still in flight fail with EngineDeadError."""
+        with self._lock:
+            self._stopping = True
         self._commands.put(("wake",))
         self._thread.join(timeout)
+        self._fail_all(EngineDeadError("the engine was shut down before this request finished"))
         if self.engine.profiler.enabled:
             log.info("step profile (--profile-steps):\n%s", self.engine.profiler.report())
 
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._dead is None
-
-    def profile_report(self) -> str:
-        return self.engine.profiler.report()
 
     # -- the step thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -102,9 +115,17 @@ class AsyncEngine:
                 engine.profiler.add("stream", time.perf_counter() - t0)
         except BaseException as e:  # the engine is broken: fail every stream instead of hanging it
             log.exception("engine step loop died")
-            self._dead = e
-            for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"the engine failed: {e}"))
+            with self._lock:
+                self._dead = e
+            self._fail_all(EngineDeadError("the engine failed and has stopped; the server must be restarted"))
+            if self.on_death is not None:
+                self.on_death(e)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for rid in streams:
+            self._deliver(rid, error)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -132,7 +153,8 @@ class AsyncEngine:
             self.engine.abort(cmd[1])
 
     def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
+        with self._lock:
+            target = self._streams.get(request_id)
         if target is None:
             return
         loop, stream = target

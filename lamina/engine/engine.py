@@ -89,6 +89,12 @@ class LLMEngine:
                  self.runner.num_blocks, config.block_size, self.kv_capacity_tokens,
                  self.runner.num_blocks * self.runner.bytes_per_block / 2**30)
 
+    def wait_until_compiled(self, timeout: float | None = None) -> bool:
+        """Block until the background compile of the steps is done; True if compiled steps serve
+        now, or the engine runs without them by choice."""
+        compiled = self.runner.compiled
+        return compiled is None or compiled.wait(timeout)
+
     @property
     def kv_capacity_tokens(self) -> int:
         return self.runner.num_blocks * self.config.block_size
@@ -164,73 +170,125 @@ class LLMEngine:
         prof.mark("schedule")
         outputs, self._pending_outputs = self._pending_outputs, []
         if batch.seqs:
-            logits_rows, samplers = self._logits_plan(batch)
-            inputs = self.runner.prepare(batch, logits_rows)
-            prof.mark("prepare")
-            logits = self.runner.forward(*inputs)
-            if prof.enabled:  # GPU work is asynchronous: wait for it, or sampling gets the blame
-                self.runner.synchronize()
-            prof.mark("forward")
-            self._process(batch, logits, logits_rows, samplers, outputs)
+            try:
+                self._run_batch(batch, outputs)
+            except Exception:
+                # One request's data (a sampling parameter, a token id) can break a whole step.
+                # Nothing was committed, so the sequences are run again one at a time: only the
+                # requests that still fail are failed, and everyone else goes on.
+                log.exception("a step of %d sequences failed; running them one at a time", len(batch.seqs))
+                self._run_one_by_one(batch, outputs)
         self._update_stats(batch)
         prof.stop()
         return outputs
 
+    def _run_batch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> None:
+        prof = self.profiler
+        logits_rows, samplers = self._logits_plan(batch)
+        inputs = self.runner.prepare(batch, logits_rows)
+        prof.mark("prepare")
+        logits = self.runner.forward(*inputs)
+        if prof.enabled:  # GPU work is asynchronous: wait for it, or sampling gets the blame
+            self.runner.synchronize()
+        prof.mark("forward")
+        self._process(batch, logits, logits_rows, samplers, outputs)
+
+    def _run_one_by_one(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> None:
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:  # a sibling already failed its request
+                continue
+            try:
+                self._run_batch(ScheduledBatch([seq], [n]), outputs)
+            except Exception:
+                log.exception("request %s failed in the engine", seq.request_id)
+                self._fail_request(seq.request_id, outputs)
+
+    def _fail_request(self, request_id: str, outputs: list[RequestOutput]) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "error")
+        out = self._make_output(req)
+        out.error = "the engine failed while serving this request; other requests are unaffected"
+        outputs.append(out)
+
+    @staticmethod
+    def _prompt_rows(seq: Sequence, n: int) -> range:
+        """Rows of seq's next n tokens whose logits give prompt logprobs not recorded yet: a
+        recomputed sequence (after preemption) records none twice."""
+        if seq.prompt_logprobs is None:
+            return range(0)
+        start = seq.num_computed_tokens
+        first = max(start, len(seq.prompt_logprobs) - 1)   # entry i is token i's, from position i - 1
+        end = min(start + n, seq.num_prompt_tokens - 1)
+        return range(first - start, max(end, first) - start)
+
     def _logits_plan(self, batch: ScheduledBatch):
         """Which new tokens of each sequence need logits: the last one if it completes the known
-        tokens (we then sample), plus every prompt token when prompt logprobs were asked for."""
+        tokens (we then sample), plus the prompt tokens whose logprobs were asked for."""
         rows, samplers = [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             done = seq.num_computed_tokens + n == len(seq)
-            wants_prompt = seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1
-            if wants_prompt:
-                last_prompt = min(n, seq.num_prompt_tokens - 1 - seq.num_computed_tokens)
-                r = list(range(last_prompt))
-                if done and (n - 1) not in r:
-                    r.append(n - 1)
-            else:
-                r = [n - 1] if done else []
+            r = list(self._prompt_rows(seq, n))
+            if done and (not r or r[-1] != n - 1):
+                r.append(n - 1)
             rows.append(np.asarray(r, dtype=np.int64))
             samplers.append(done)
         return rows, samplers
 
     def _process(self, batch, logits, logits_rows, samplers, outputs):
+        """Prompt logprobs and sampling first, then the sequences' state: a step that fails before
+        the commit changed nothing and can run again."""
         prof = self.profiler
-        now = time.time()
         offset = 0
-        sample_seqs, sample_rows = [], []
+        records, sample_seqs, sample_rows = [], [], []
         for seq, n, rows, samples in zip(batch.seqs, batch.num_new_tokens, logits_rows, samplers):
-            if seq.prompt_logprobs is not None and len(rows) and seq.num_computed_tokens < seq.num_prompt_tokens - 1:
-                self._record_prompt_logprobs(seq, logits[offset:offset + len(rows)], n)
+            prompt_rows = self._prompt_rows(seq, n)
+            records.append(self._prompt_logprobs(seq, logits[offset:offset + len(prompt_rows)], prompt_rows)
+                           if len(prompt_rows) else None)
+            if samples and seq.params.max_tokens != 0:
+                sample_seqs.append(seq)
+                sample_rows.append(offset + len(rows) - 1)
+            offset += len(rows)
+        token_ids, logprobs = self._sample_rows(sample_seqs, sample_rows, logits) if sample_seqs else ([], [])
+        prof.mark("sample")
+        now = time.time()
+        for seq, n, samples, recs in zip(batch.seqs, batch.num_new_tokens, samplers, records):
+            if recs:
+                seq.prompt_logprobs.extend(recs)
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
             if samples and seq.params.max_tokens == 0:   # scoring only: the prompt's logprobs
                 self._finish(seq, "length")
                 outputs.append(self._make_output(self.requests[seq.request_id]))
-            elif samples:
-                sample_seqs.append(seq)
-                sample_rows.append(offset + len(rows) - 1)
-            offset += len(rows)
-        if not sample_seqs:
-            return
-        params = [s.params for s in sample_seqs]
-        banned = [self._banned(s) for s in sample_seqs]
-        # rows only grow, so as many rows as logits means all of them: no copy (at 100 sequences it
-        # would be 20 MB of float32 per step)
-        if len(sample_rows) < logits.shape[0]:
-            logits = logits[np.asarray(sample_rows)]
-        if sampler.is_plain_greedy(params, banned):
-            token_ids, logprobs = logits.argmax(dim=-1).tolist(), [None] * len(params)
-        else:
-            token_ids, logprobs = self._sample(sample_seqs, params, banned, logits)
-        prof.mark("sample")
         touched: dict[str, Request] = {}
         for seq, tok, lp in zip(sample_seqs, token_ids, logprobs):
-            self._append(seq, tok, lp, now)
+            if seq.is_finished:  # its request failed on an earlier sample of this step
+                continue
+            try:
+                self._append(seq, tok, lp, now)
+            except Exception:  # committed state is kept; only this request ends
+                log.exception("request %s failed in the engine", seq.request_id)
+                touched.pop(seq.request_id, None)
+                self._fail_request(seq.request_id, outputs)
+                continue
             touched[seq.request_id] = self.requests[seq.request_id]
         for req in touched.values():
             outputs.append(self._make_output(req))
         prof.mark("detokenize")
+
+    def _sample_rows(self, sample_seqs, sample_rows, logits):
+        params = [s.params for s in sample_seqs]
+        banned = [self._banned(s) for s in sample_seqs]
+        # rows only grow, so as many rows as logits means all of them: no copy (at 100 sequences it
+        # would be tens of MB of float32 per step)
+        if len(sample_rows) < logits.shape[0]:
+            logits = logits[np.asarray(sample_rows)]
+        if sampler.is_plain_greedy(params, banned):
+            return logits.argmax(dim=-1).tolist(), [None] * len(params)
+        return self._sample(sample_seqs, params, banned, logits)
 
     def _sample(self, sample_seqs, params, banned, logits):
         # token histories only feed the penalties: skip copying them on every step when none is set
@@ -240,12 +298,10 @@ class LLMEngine:
         sb = sampler.SamplingBatch.build(params, prompts, outputs_so_far, banned, [s.generator for s in sample_seqs])
         return sampler.sample(logits, sb)
 
-    def _record_prompt_logprobs(self, seq: Sequence, logits, n: int) -> None:
-        start = seq.num_computed_tokens
-        count = min(n, seq.num_prompt_tokens - 1 - start)
-        targets = seq.token_ids[start + 1:start + 1 + count]
-        records = sampler.compute_logprobs(logits[:count], targets, [seq.params.prompt_logprobs] * count)
-        seq.prompt_logprobs.extend(records)
+    def _prompt_logprobs(self, seq: Sequence, logits, rows: range) -> list[TokenLogprob]:
+        first = seq.num_computed_tokens + rows.start
+        targets = seq.token_ids[first + 1:first + 1 + len(rows)]
+        return sampler.compute_logprobs(logits, targets, [seq.params.prompt_logprobs] * len(rows))
 
     def _banned(self, seq: Sequence) -> list[int]:
         if seq.num_output_tokens >= seq.params.min_tokens:

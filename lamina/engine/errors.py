@@ -17,3 +17,8 @@ class ContextLengthExceeded(RequestError):
 
 class EngineDeadError(RuntimeError):
     """The engine's step loop died; nothing more can be served (HTTP 500/503)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while serving this one request (HTTP 500); every other request goes on.
+    The message is safe to show a client: the exception itself is only logged."""

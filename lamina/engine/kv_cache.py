@@ -64,8 +64,8 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of seq's tokens. At least one token is always left to
         compute, since sampling needs the last token's logits."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position's logits, so nothing is skipped
         hits, parent = [], None
         max_blocks = (len(seq.token_ids) - 1) // self.block_size
         for i in range(max_blocks):
