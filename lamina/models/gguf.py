@@ -11,7 +11,8 @@ tokenizer as metadata. lamina runs Hugging Face directories, so a GGUF is conver
   library, ``tokenizer_config.json`` carries the chat template and special tokens.
 
 Everything that can be checked (architecture, tensor types, missing tensors, tokenizer kind) is
-checked before anything is written, and the files appear under their final names only at the end.
+checked before anything is written, and the files appear under their final names only at the end,
+each fsynced before its rename.
 """
 from __future__ import annotations
 
@@ -402,6 +403,8 @@ def _write_safetensors(path: str, plans: list[_Plan], produce: Callable[[_Plan],
             del arr
             if progress:
                 progress(done, total, p.hf_name)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,7 +576,10 @@ def convert_gguf(gguf_path: str, out_dir: str, progress: ProgressFn | None = Non
     Writes config.json, generation_config.json, model.safetensors (float32), tokenizer.json and
     tokenizer_config.json. Raises ModelLoadError naming what is unsupported or missing; in that
     case nothing is written. progress(done_bytes, total_bytes, tensor_name) follows the weights.
+    Each file is written as <name>.partial, fsynced, then renamed; out_dir is fsynced at the end.
     """
+    from lamina.registry import fsync_dir, fsync_file
+
     reader = _open(gguf_path)
     meta = read_metadata(reader)
     arch = meta.get("general.architecture")
@@ -612,9 +618,15 @@ def convert_gguf(gguf_path: str, out_dir: str, progress: ProgressFn | None = Non
             with open(partial[name], "w", encoding="utf-8") as f:
                 json.dump(obj, f, indent=2, ensure_ascii=False)
                 f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
         tokenizer.save(partial["tokenizer.json"])
+        fsync_file(partial["tokenizer.json"])
+        # every file is on disk under its .partial name before a rename publishes it, and the
+        # directory after, so a crash never leaves an empty or truncated file under a final name
         for name in outputs:
             os.replace(partial[name], os.path.join(out_dir, name))
+        fsync_dir(out_dir)
     finally:
         for path in partial.values():
             if os.path.exists(path):

@@ -478,3 +478,36 @@ def test_not_a_gguf_file(tmp_path):
         convert_gguf(str(bad), str(tmp_path / "out"))
     with pytest.raises(ModelLoadError, match="not found"):
         convert_gguf(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+
+
+# --------------------------------------------------------------------------------------------
+# durability
+
+
+def test_outputs_are_fsynced_before_their_rename(tmp_path, monkeypatch):
+    """Each output reaches the disk under its .partial name before the rename that publishes it,
+    and the directory is fsynced after the renames, so a crash never leaves a renamed but empty
+    or truncated file."""
+    src = tmp_path / "t.gguf"
+    write_gguf(src)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        real_replace(a, b)
+        events.append(("replace", os.path.realpath(a), os.path.realpath(b)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out"
+    convert_gguf(str(src), str(out))
+    replaces = [e for e in events if e[0] == "replace"]
+    assert sorted(os.path.basename(e[2]) for e in replaces) == sorted(os.listdir(out))
+    for e in replaces:
+        assert ("fsync", e[1]) in events[:events.index(e)], e
+    last = max(events.index(e) for e in replaces)
+    assert ("fsync", os.path.realpath(out)) in events[last + 1:]
