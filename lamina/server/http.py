@@ -1,8 +1,10 @@
 """HTTP/1.1 on asyncio streams: request parsing with limits, keep-alive, whole and streamed responses.
 
-One task per connection reads a request head (bounded in size and time), then its body
-(Content-Length or chunked, bounded), then hands a `Request` and an `Exchange` (the response side)
-to the application's handler. While the handler runs, a watcher reads ahead on the socket so that a
+One task per connection reads a request head (bounded in size and time), lets the application
+refuse it from the head alone (`check_head`: the API key, before any body is read or 100 Continue
+sent), reads its body (Content-Length or chunked, bounded in size and by one deadline for the
+whole body), then hands a `Request` and an `Exchange` (the response side) to the application's
+handler. Open connections are capped; one over the cap is answered 503 and closed. While the handler runs, a watcher reads ahead on the socket so that a
 client that goes away is noticed at once: the handler task is cancelled, which aborts its engine
 request. Framing errors get an error response and a lingering close; nothing a client sends can
 raise out of a connection task.
@@ -30,6 +32,7 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f-\xff]")
+_DIGITS = re.compile(r"[0-9]{1,20}")   # not str.isdigit(): that also takes '²' and other scripts' digits
 _READ_SIZE = 1 << 16
 
 
@@ -38,9 +41,10 @@ class Limits:
     max_header_bytes: int = 16 * 1024   # request line plus headers
     max_headers: int = 100
     max_body_bytes: int = 32 << 20
+    max_connections: int = 512          # open at once; more are answered 503 and closed
     keep_alive_timeout: float = 15.0    # idle time allowed before (and between) requests
     header_timeout: float = 10.0        # from a request's first byte to the end of its headers
-    body_timeout: float = 30.0          # longest wait for the next piece of a body
+    body_timeout: float = 60.0          # from the end of the headers to the end of the body
     write_timeout: float = 60.0         # longest wait on a client that does not read its response
 
 
@@ -125,9 +129,9 @@ def _body_length(req: Request, limits: Limits) -> int | None:
         return None
     if cl is None:
         return 0
-    values = {v.strip() for v in cl.split(",")}
-    if len(values) != 1 or not next(iter(values)).isdigit() or len(next(iter(values))) > 20:
-        raise APIError(400, "invalid Content-Length", close=True)
+    values = {v.strip(" \t") for v in cl.split(",")}
+    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+        raise APIError(400, "invalid Content-Length: expected one decimal number", close=True)
     length = int(values.pop())
     if length > limits.max_body_bytes:
         raise APIError(413, f"request body too large: {length} bytes (limit {limits.max_body_bytes})",
@@ -209,6 +213,7 @@ class Exchange:
 
 
 Handler = Callable[[Request, Exchange], Awaitable[None]]
+HeadCheck = Callable[[Request], None]   # raises APIError to refuse a request before its body is read
 
 
 class _Connection:
@@ -240,8 +245,12 @@ class _Connection:
         return True
 
     async def _read_head(self) -> bytes | None:
-        """The next request's head, or None if the client closed or stayed idle too long."""
-        while True:  # blank lines before a request line are ignored (RFC 9112 2.2)
+        """The next request's head, or None if the client closed or stayed idle too long. Blank
+        lines before a request line are ignored (RFC 9112 2.2), but they do not restart the idle
+        timer: a client sending only CRLFs is closed after keep_alive_timeout like a silent one."""
+        loop = asyncio.get_running_loop()
+        idle_deadline = loop.time() + self.limits.keep_alive_timeout
+        while True:
             skip = 0
             while skip < len(self.buf) and self.buf[skip] in b"\r\n":
                 skip += 1
@@ -249,11 +258,10 @@ class _Connection:
             if self.buf:
                 break
             try:
-                if not await self._fill(self.limits.keep_alive_timeout):
+                if not await self._fill(max(0.0, idle_deadline - loop.time())):
                     return None
             except asyncio.TimeoutError:
                 return None
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.header_timeout
         while True:
             m = _HEAD_END.search(self.buf)
@@ -271,29 +279,32 @@ class _Connection:
             if not ok:
                 raise ClientGone()
 
-    async def _read_exact(self, n: int) -> bytes:
+    async def _fill_body(self, deadline: float, hint: int = _READ_SIZE) -> None:
+        """Read more of a body before `deadline` (the whole body's, not each read's)."""
+        try:
+            ok = await self._fill(max(0.0, deadline - asyncio.get_running_loop().time()), hint)
+        except asyncio.TimeoutError:
+            raise APIError(408, "timed out reading the request body", close=True) from None
+        if not ok:
+            raise ClientGone()
+
+    async def _read_exact(self, n: int, deadline: float) -> bytes:
         while len(self.buf) < n:
-            try:
-                ok = await self._fill(self.limits.body_timeout, n - len(self.buf))
-            except asyncio.TimeoutError:
-                raise APIError(408, "timed out reading the request body", close=True) from None
-            if not ok:
-                raise ClientGone()
+            await self._fill_body(deadline, n - len(self.buf))
         data = bytes(self.buf[:n])
         del self.buf[:n]
         return data
 
-    async def _read_line(self, limit: int = 4096) -> bytes:
+    async def _read_crlf_line(self, deadline: float, limit: int = 4096) -> bytes:
+        """One line of chunked framing, which must end with CRLF: a bare LF or a stray CR is a
+        framing error (lenient line endings are how request smuggling slips between proxies)."""
         while (i := self.buf.find(b"\n")) < 0:
             if len(self.buf) > limit:
-                raise APIError(400, "malformed chunked body", close=True)
-            try:
-                ok = await self._fill(self.limits.body_timeout)
-            except asyncio.TimeoutError:
-                raise APIError(408, "timed out reading the request body", close=True) from None
-            if not ok:
-                raise ClientGone()
-        line = bytes(self.buf[:i]).rstrip(b"\r")
+                raise APIError(400, "malformed chunked body: line too long", close=True)
+            await self._fill_body(deadline)
+        if i == 0 or self.buf[i - 1] != 0x0D or b"\r" in self.buf[:i - 1] or i > limit:
+            raise APIError(400, "malformed chunked body: lines must end with CRLF", close=True)
+        line = bytes(self.buf[:i - 1])
         del self.buf[:i + 1]
         return line
 
@@ -305,12 +316,13 @@ class _Connection:
                 raise APIError(417, f"unsupported Expect: {expect}", close=True)
             if req.version == "HTTP/1.1" and length != 0 and not self.buf:
                 await self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        deadline = asyncio.get_running_loop().time() + self.limits.body_timeout
         if length is not None:
-            return await self._read_exact(length) if length else b""
+            return await self._read_exact(length, deadline) if length else b""
         parts, total = [], 0
         while True:
-            line = await self._read_line()
-            size = line.split(b";", 1)[0].strip()
+            line = await self._read_crlf_line(deadline)
+            size = line.split(b";", 1)[0].strip(b" \t")
             if not size or len(size) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size):
                 raise APIError(400, "malformed chunked body", close=True)
             n = int(size, 16)
@@ -320,11 +332,11 @@ class _Connection:
             if total > self.limits.max_body_bytes:
                 raise APIError(413, f"request body too large (limit {self.limits.max_body_bytes} bytes)",
                                close=True)
-            parts.append(await self._read_exact(n))
-            if await self._read_line() != b"":
-                raise APIError(400, "malformed chunked body", close=True)
+            parts.append(await self._read_exact(n, deadline))
+            if await self._read_exact(2, deadline) != b"\r\n":
+                raise APIError(400, "malformed chunked body: chunk data must end with CRLF", close=True)
         trailer_bytes = 0
-        while (line := await self._read_line()) != b"":  # trailer fields: read and dropped
+        while (line := await self._read_crlf_line(deadline)) != b"":  # trailer fields: read and dropped
             trailer_bytes += len(line)
             if trailer_bytes > self.limits.max_header_bytes:
                 raise APIError(431, "request trailers too large", close=True)
@@ -364,6 +376,8 @@ class _Connection:
                         break
                     self.busy = True
                     req = parse_head(head, self.limits, self.peer)
+                    if self.server.check_head is not None:
+                        self.server.check_head(req)
                     req.body = await self._read_body(req)
                 except APIError as err:
                     await self._refuse(req, err)
@@ -380,8 +394,8 @@ class _Connection:
             self.server.connections.discard(self)
             await self._close()
 
-    async def _refuse(self, req: Request | None, err: APIError) -> None:
-        """Answer a request that could not be read, then close."""
+    async def _refuse(self, req: Request | None, err: APIError, linger: float = 2.0) -> None:
+        """Answer a request that could not be read (or was refused from its head), then close."""
         ex = Exchange(self, req or Request("-", "-", "-", "", "HTTP/1.1", {}, self.peer, keep_alive=False))
         ex.close = True
         try:
@@ -389,7 +403,7 @@ class _Connection:
         except ClientGone:
             return
         self.server.log_access(ex)
-        await self._linger()
+        await self._linger(linger)
 
     async def _dispatch(self, req: Request) -> bool:
         """Run the handler for one request; True if the connection may serve another."""
@@ -459,10 +473,12 @@ class HttpServer:
     """Serves `handler` over HTTP/1.1. `shutdown` stops accepting, lets in-flight requests finish
     within a deadline, then calls `on_deadline` (to abort them cleanly) and closes everything."""
 
-    def __init__(self, handler: Handler, limits: Limits | None = None):
+    def __init__(self, handler: Handler, limits: Limits | None = None, check_head: HeadCheck | None = None):
         self.handler = handler
+        self.check_head = check_head
         self.limits = limits or Limits()
         self.connections: set[_Connection] = set()
+        self.num_refusing = 0   # connections over the cap, being answered 503
         self.draining = False
         self._server: asyncio.base_events.Server | None = None
 
@@ -478,11 +494,33 @@ class HttpServer:
         if self.draining:
             writer.close()
             return
+        if len(self.connections) >= self.limits.max_connections:
+            await self._refuse_connection(conn)
+            return
         self.connections.add(conn)
         try:
             await conn.run()
         except asyncio.CancelledError:
             pass  # shutdown ends idle connections this way; asyncio's stream callback must not see it
+
+    async def _refuse_connection(self, conn: _Connection) -> None:
+        """Over the cap: answer 503 without reading the request, then close. Refusals are capped
+        too; past that, a connection is dropped at once."""
+        if self.num_refusing >= self.limits.max_connections:
+            conn.writer.transport.abort()
+            return
+        self.num_refusing += 1
+        try:
+            err = APIError(503, "The server has too many open connections. Please retry shortly.",
+                           type="server_error", headers=[("Retry-After", "1")], close=True)
+            await conn._refuse(None, err, linger=1.0)
+        except (ClientGone, ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.num_refusing -= 1
+            await conn._close()
 
     def num_busy(self) -> int:
         return sum(c.busy for c in self.connections)

@@ -224,3 +224,138 @@ def test_json_content_type_and_length(trivial):
     assert int(r.headers["content-length"]) == len(r.body)
     json.loads(r.body)
     c.close()
+
+
+# -- hardening (issue 15) ------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [b"\xb2", b"1\xb3", b"\xb9", "\u0663".encode(), b"+5", b" 5 5", b"0x10", b"1_0"])
+def test_content_length_must_be_ascii_digits(trivial, value):
+    """'\xb2' is '²' in latin-1, which passes str.isdigit(); int() then raised inside the handler,
+    which answered nothing at all."""
+    r, c = _one(trivial.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: " + value
+                + b"\r\n\r\nabcde")
+    assert r.status == 400 and "Content-Length" in r.json()["error"]["message"]
+    c.close()
+    assert _one(trivial.port, request_bytes("GET", "/echo"))[0].status == 200
+
+
+@pytest.mark.parametrize("body", [
+    b"5\nhello\r\n0\r\n\r\n",          # size line ended by a bare LF
+    b"5\r\nhello\n0\r\n\r\n",          # chunk data ended by a bare LF
+    b"5\r\nhello\r\n0\n\r\n",          # last-chunk line ended by a bare LF
+    b"5\r\nhello\r\n0\r\n\n",          # final blank line a bare LF
+    b"5\r\nhello\r\n0\r\nX: y\n\r\n",  # a trailer line ended by a bare LF
+    b"5\r\nhello\rX0\r\n\r\n",         # a lone CR
+])
+def test_chunked_framing_accepts_only_crlf(trivial, body):
+    r, c = _one(trivial.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    assert r.status == 400 and r.headers["connection"] == "close"
+    c.close()
+
+
+def test_blank_lines_do_not_extend_keep_alive(trivial):
+    """keep_alive_timeout is 1 s: a client that sends only CRLFs is closed after it, however often
+    it sends them."""
+    c = Conn(trivial.port)
+    t0 = time.monotonic()
+    closed_at = None
+    while time.monotonic() - t0 < 4:
+        try:
+            c.send(b"\r\n")
+        except OSError:
+            closed_at = time.monotonic() - t0
+            break
+        c.sock.settimeout(0.25)
+        try:
+            if c.sock.recv(1) == b"":
+                closed_at = time.monotonic() - t0
+                break
+        except socket.timeout:
+            pass
+        except OSError:
+            closed_at = time.monotonic() - t0
+            break
+    c.close()
+    assert closed_at is not None and closed_at < 2.5, closed_at
+
+
+def test_whole_body_deadline(trivial):
+    """body_timeout is 1 s for the whole body: a client trickling one byte at a time does not
+    keep a connection (and its buffer) for ever."""
+    c = Conn(trivial.port)
+    c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    t0 = time.monotonic()
+    c.sock.settimeout(0.2)
+    got = b""
+    while time.monotonic() - t0 < 5 and b"\r\n\r\n" not in got:
+        try:
+            c.sock.send(b"x")
+            got += c.sock.recv(4096)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+    elapsed = time.monotonic() - t0
+    assert got.startswith(b"HTTP/1.1 408"), got
+    assert elapsed < 2.5
+    c.close()
+
+
+def test_open_connections_are_capped(server_loop):
+    srv = HttpServer(_handler, Limits(max_connections=3, keep_alive_timeout=5.0))
+    server_loop.run(srv.start("127.0.0.1", 0))
+    try:
+        held = [Conn(srv.port) for _ in range(3)]
+        for c in held:  # all three are really in use
+            c.send(request_bytes("GET", "/echo"))
+            assert c.read_response().status == 200
+        extra = Conn(srv.port, timeout=5)
+        extra.send(request_bytes("GET", "/echo"))
+        r = extra.read_response()
+        assert r.status == 503 and r.headers["connection"] == "close" and "retry-after" in r.headers
+        assert r.json()["error"]["message"]
+        assert extra.closed_by_server(3)
+        extra.close()
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while len(srv.connections) >= 3:  # the server notices the close
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        c = Conn(srv.port)
+        c.send(request_bytes("GET", "/echo"))
+        assert c.read_response().status == 200
+        for c in held + [c]:
+            c.close()
+    finally:
+        server_loop.run(srv.shutdown(1.0))
+
+
+def test_head_check_runs_before_the_body_and_100_continue(server_loop):
+    """A handler's `check_head` (the API key) refuses a request from its head: no 100 Continue,
+    no waiting for (or buffering) a body the client may never send."""
+    seen = []
+
+    def check_head(req):
+        seen.append(req.path)
+        if req.header("authorization") != "Bearer k":
+            raise APIError(401, "bad key", code="invalid_api_key")
+
+    srv = HttpServer(_handler, Limits(body_timeout=30.0), check_head=check_head)
+    server_loop.run(srv.start("127.0.0.1", 0))
+    try:
+        for expect in (True, False):
+            c = Conn(srv.port, timeout=5)
+            t0 = time.monotonic()
+            c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+                   + (b"Expect: 100-continue\r\n" if expect else b"") + b"\r\n")
+            r = c.read_response()
+            assert r.status == 401 and time.monotonic() - t0 < 2 and r.headers["connection"] == "close"
+            c.close()
+        c = Conn(srv.port, timeout=5)
+        c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 2\r\n"
+               b"Expect: 100-continue\r\n\r\n")
+        assert c.read_response(head_only=True).status == 100
+        c.send(b"ok")
+        assert c.read_response().json()["body"] == "ok"
+        c.close()
+    finally:
+        server_loop.run(srv.shutdown(1.0))
