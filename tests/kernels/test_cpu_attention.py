@@ -7,7 +7,7 @@ import torch
 
 from lamina.kernels import AttentionMetadata, cpu, get_backend, reference
 
-pytestmark = pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build lamina's CPU kernels")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips only where no build is expected (conftest.py)
 
 
 def _paged_case(seq_lens, heads, kv_heads, head_dim, block_size, dtype, seed=0):

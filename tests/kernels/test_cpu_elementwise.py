@@ -9,7 +9,7 @@ import torch
 
 from lamina.kernels import cpu, reference
 
-pytestmark = pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build lamina's CPU kernels")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips only where no build is expected (conftest.py)
 
 
 def _check(ops):

@@ -16,7 +16,7 @@ from lamina.models.quant import (INT8_DEQUANT_MIN_ROWS, Bf16Linear, Bf16SwiGLU, 
                                  pack_bf16_swiglu, pack_int4, pack_int8, quantize_int4, unpack_int4, unpack_int8,
                                  use_cpu_gemm)
 
-pytestmark = pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build lamina's CPU kernels")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips only where no build is expected (conftest.py)
 
 # (M, K, N). bf16_packed_linear tiles 8 rows x 3 blocks of 16 columns, in chunks of 128 rows:
 # M covers one row, the 1..7-row remainder tiles and a second (partial) chunk; N covers strips of
