@@ -36,6 +36,19 @@ INT4_DEQUANT_MIN_ROWS = 256
 TORCH_INT8_GEMV_MAX_ROWS = 16
 
 
+@torch.library.custom_op("lamina_torch::weight_int8_mm", mutates_args=())
+def _torch_int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torch's int8 GEMV (x [M, K] @ weight [N, K]^T * scale [N]), as an opaque op: Inductor's own
+    lowering of aten._weight_int8pack_mm fails on a bf16 x in torch 2.14 (its scale arrives as an
+    unrealized cast: LoweringException), so a compiled step calls torch's kernel as it is."""
+    return torch._weight_int8pack_mm(x, weight, scale.to(x.dtype))
+
+
+@_torch_int8_mm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _rows(x: torch.Tensor, in_features: int) -> int:
     return x.numel() // in_features
 
@@ -73,7 +86,7 @@ class Int8Linear(nn.Module):
         if self.use_kernel and rows < INT8_DEQUANT_MIN_ROWS:
             y = torch.ops.lamina.int8_packed_linear(flat, self.packed, self.scale).reshape(*x.shape[:-1], self.out_features)
         elif not self.use_kernel and self.use_torch_gemv and rows < TORCH_INT8_GEMV_MAX_ROWS:
-            y = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+            y = _torch_int8_mm(flat, self.weight, self.scale).reshape(*x.shape[:-1], self.out_features)
         else:
             y = nn.functional.linear(x, self.int8_weight().to(x.dtype) * self.scale[:, None].to(x.dtype))
         return y if self.bias is None else y + self.bias

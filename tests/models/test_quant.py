@@ -116,3 +116,34 @@ def test_int8_many_rows_take_the_dequantized_matmul_and_agree():
     ref = x.float() @ (q.int8_weight().float() * q.scale.float()[:, None]).T
     tol = 0.03 * ref.abs().max().item()
     assert (many - ref).abs().max().item() <= tol and (few - ref[:8]).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch-ops", "cpu-kernels"])
+def test_compiled_int4_model_matches_eager(kernels, monkeypatch):
+    """A decode step of a quantized model compiles (the engine torch.compiles it on CPU), with and
+    without lamina's kernels: int4 layers, and an int8 lm_head that without the kernels runs torch's
+    int8 GEMV, whose Inductor lowering failed on bf16 inputs in torch 2.14 (LoweringException)."""
+    if kernels and not cpu.load():
+        pytest.skip(f"lamina's C++ kernels are not loaded here: {cpu.load_error()}")
+    if not kernels:
+        monkeypatch.setenv("LAMINA_CPU_KERNELS", "0")
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 64, bias=False)
+            self.lm_head = nn.Linear(64, 48, bias=False)
+
+        def forward(self, x):
+            return self.lm_head(torch.relu(self.proj(x)))
+
+    torch.manual_seed(5)
+    model = Tiny().to(torch.bfloat16)
+    quantize_model(model, "int4")
+    assert isinstance(model.proj, Int4Linear) and isinstance(model.lm_head, Int8Linear)
+    assert model.lm_head.use_kernel == kernels
+    x = torch.randn(2, 64).to(torch.bfloat16)   # two decode rows
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2 ** -6, atol=2 ** -6 * eager.abs().max().item())
