@@ -8,14 +8,22 @@ Cached blocks are evicted least-recently-used, and only once no free block is le
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict, deque
+
+import numpy as np
 
 from lamina.engine.sequence import Sequence
 
 
-def chain_hash(parent: int | None, tokens) -> int:
-    """Identity of a full block: its tokens plus everything before it (through the parent hash)."""
-    return hash((parent, tuple(tokens)))
+def chain_hash(parent: bytes | None, tokens) -> bytes:
+    """Identity of a full block: SHA-256 of the parent block's key and this block's token ids (as
+    int32 bytes), so a key names the block's tokens and everything before them. A cryptographic
+    hash, because keys decide whose KV blocks a prompt is served: Python's hash() of a tuple can be
+    collided on purpose, which would hand one request another's cache (vLLM's CVE-2025-25183).
+    The parent key is 32 bytes, or none for a prompt's first block, so no two inputs share bytes."""
+    data = np.asarray(tokens, dtype=np.int32).tobytes()
+    return hashlib.sha256(parent + data if parent is not None else data).digest()
 
 
 class BlockManager:
@@ -24,10 +32,10 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))
         self.cached: OrderedDict[int, None] = OrderedDict()   # evictable, oldest first
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
 
     # -- accounting --------------------------------------------------------------------------
     @property

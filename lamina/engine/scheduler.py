@@ -7,7 +7,7 @@ freed and it is recomputed from its tokens later (its prefix may well still be c
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from lamina.engine.kv_cache import BlockManager
@@ -31,13 +31,59 @@ class ScheduledBatch:
         return len(self.seqs)
 
 
+class SeqQueue:
+    """Sequences in order, with removal of any one by identity in O(1) (an ordered dict keyed by
+    seq_id): aborts and finishes take a sequence out from anywhere, and a scan of a list or deque
+    per removal made a long queue quadratic."""
+
+    def __init__(self):
+        self._seqs: OrderedDict[int, Sequence] = OrderedDict()
+
+    def append(self, seq: Sequence) -> None:
+        self._seqs[seq.seq_id] = seq
+
+    def appendleft(self, seq: Sequence) -> None:
+        self._seqs[seq.seq_id] = seq
+        self._seqs.move_to_end(seq.seq_id, last=False)
+
+    def extendleft_in_order(self, seqs: list[Sequence]) -> None:
+        """Put seqs back at the front, keeping their order."""
+        for seq in reversed(seqs):
+            self.appendleft(seq)
+
+    def popleft(self) -> Sequence:
+        return self._seqs.popitem(last=False)[1]
+
+    def discard(self, seq: Sequence) -> bool:
+        """Take seq out if it is here; True if it was."""
+        return self._seqs.pop(seq.seq_id, None) is not None
+
+    def first(self) -> Sequence:
+        return next(iter(self._seqs.values()))
+
+    def last(self) -> Sequence:
+        return next(reversed(self._seqs.values()))
+
+    def __contains__(self, seq) -> bool:
+        return self._seqs.get(getattr(seq, "seq_id", None)) is seq
+
+    def __iter__(self):
+        return iter(list(self._seqs.values()))   # a snapshot: callers may remove while iterating
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __bool__(self) -> bool:
+        return bool(self._seqs)
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []   # in admission order: the last is preempted first
+        self.waiting = SeqQueue()
+        self.running = SeqQueue()   # in admission order: the last is preempted first
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -47,14 +93,12 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and return its blocks."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        if not self.running.discard(seq):
+            self.waiting.discard(seq)
         self.blocks.release(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        self.running.discard(seq)
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_cached_tokens = 0
@@ -67,7 +111,7 @@ class Scheduler:
 
         # 1. running sequences, oldest first: decodes, then the next chunk of unfinished prefills
         for phase in ("decode", "prefill"):
-            for seq in list(self.running):
+            for seq in self.running:
                 if seq.seq_id in scheduled or seq.status != SequenceStatus.RUNNING:
                     continue
                 if (phase == "decode") == seq.in_prefill:
@@ -76,7 +120,7 @@ class Scheduler:
                 if num_new <= 0:
                     continue
                 while not self.blocks.can_grow(seq, num_new):
-                    victim = self.running[-1]
+                    victim = self.running.last()
                     if victim.seq_id in scheduled:  # never undo work already in this batch
                         victim = seq
                     self._preempt(victim)
@@ -95,7 +139,7 @@ class Scheduler:
         # 2. waiting sequences, first come first served, while budget and cache allow
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.first()
             if seq.wait_for is not None and not self._sibling_ready(seq):
                 skipped.append(self.waiting.popleft())   # let later requests by meanwhile
                 continue
@@ -113,7 +157,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
-        self.waiting.extendleft(reversed(skipped))
+        self.waiting.extendleft_in_order(skipped)
         return batch
 
     def _sibling_ready(self, seq: Sequence) -> bool:
