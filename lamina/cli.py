@@ -1,4 +1,4 @@
-"""`lamina serve | chat | generate | pull | bench`."""
+"""`lamina serve | chat | generate | pull | env | bench`."""
 from __future__ import annotations
 
 import argparse
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help="registry name (default: %(default)s)")
     p.add_argument("--list", action="store_true", help="list registry models and exit")
 
+    sub.add_parser("env", help="versions, CPU, compiler and which fast paths load here (for bug reports)")
+
     p = sub.add_parser("bench", help="benchmarks against peers (see bench/)", add_help=False,
                        description="Runs bench/run.py from a source checkout; all arguments pass through.")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "env":
+        from lamina.env import main as env_main
+        return env_main()
     if args.command == "serve":
         from lamina.server import run_server
         return run_server(args, engine_config_from_args(args))
