@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-import types
 
 import numpy as np
 import torch
 
 from lamina.config import EngineConfig
+from lamina.engine.compiled_steps import CompiledSteps
 from lamina.engine.cuda_graphs import DecodeGraphs
 from lamina.engine.scheduler import ScheduledBatch
 from lamina.kernels import AttentionMetadata
@@ -34,8 +33,8 @@ def _eager_by_env() -> bool:
 
 def use_compile(config: EngineConfig, device: torch.device) -> bool:
     """On CPU: unless --enforce-eager or $LAMINA_ENFORCE_EAGER. On CUDA never: CUDA graphs remove
-    the launch overhead that compiling cuts on CPU, and Inductor failed to build lamina's Triton
-    kernels inside the step (torch 2.11 / Triton 3.6 on an H200), so --compile is ignored there."""
+    the launch overhead that compiling cuts on CPU, and Inductor could not build lamina's Triton
+    kernels inside a step, so --compile is ignored there."""
     if device.type == "cuda":
         if config.enforce_eager is False:
             log.warning("--compile is ignored on CUDA: decode steps replay CUDA graphs instead")
@@ -78,25 +77,41 @@ class ModelRunner:
         self.kv_dtype = self._kv_cache_dtype(config.kv_cache_dtype)
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
+        # One block more than the scheduler hands out: the scratch block, which no sequence owns.
+        # Warm-up steps write there, and so does a padding token's slot -1 in a compiled step.
+        self.scratch_block = self.num_blocks
         cfg = self.model.config
-        shape = (self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (self.num_blocks + 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         # zeros, not empty: padded lanes of a gathered block may be read (then masked), and 0 * NaN
         # from never-written memory would poison the output
         self.k_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
-        self.compiled_forward = self.compiled_prefill = self.decode_graphs = None
-        self.compiled_max_batch = None if self.cpu_ops else COMPILED_MAX_BATCH
+        # execution strategies, fastest first; a batch none of them fits runs eagerly
+        self.compiled: CompiledSteps | None = None
+        self.decode_graphs: DecodeGraphs | None = None
         if use_compile(config, self.device):
-            self._compile_decode()
             # prefill (and mixed) steps too, where their attention is one C++ op (bf16) rather
             # than the reference's loop over sequences
-            if self.cpu_ops and self.dtype == self.kv_dtype == torch.bfloat16 and cfg.head_dim in cpu_backend.PREFILL_HEAD_DIMS:
-                self._compile_prefill()
+            prefill = (self.cpu_ops and self.dtype == self.kv_dtype == torch.bfloat16
+                       and cfg.head_dim in cpu_backend.PREFILL_HEAD_DIMS)
+            self.compiled = CompiledSteps(self.model, self.device, self.scratch_block, self.block_size,
+                                          max_decode_batch=None if self.cpu_ops else COMPILED_MAX_BATCH,
+                                          compile_prefill=prefill)
         if use_cuda_graphs(config, self.device, triton_backend):
-            self.decode_graphs = DecodeGraphs(self._step, min(config.max_num_seqs, MAX_GRAPH_BATCH),
+            self.decode_graphs = DecodeGraphs(self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                               max_model_len, self.block_size, self.device)
             self.decode_graphs.capture_all()
+        self.strategies = [s for s in (self.decode_graphs, self.compiled) if s is not None]
+
+    @property
+    def execution(self) -> str:
+        """How steps run, for the start-up line and `lamina env`."""
+        if self.decode_graphs is not None:
+            return f"CUDA graphs (decode batches up to {self.decode_graphs.max_batch})"
+        if self.compiled is not None:
+            return f"compiled CPU steps ({self.compiled.status})"
+        return "eager"
 
     def _kv_cache_dtype(self, name: str) -> torch.dtype:
         """'auto': the model's dtype, except float32 on CPU with the torch backend, whose decode
@@ -174,8 +189,7 @@ class ModelRunner:
             wanted.append(rows + qsl[-1])
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
-        # at least 2 columns: a compiled step then never sees (and specializes on) a width of 1
-        width = max(2 if self.compiled_forward is not None else 1, *(len(s.block_table) for s in batch.seqs))
+        width = max(len(s.block_table) for s in batch.seqs)
         tables = np.zeros((len(batch.seqs), width), dtype=np.int32)
         for i, seq in enumerate(batch.seqs):
             tables[i, :len(seq.block_table)] = seq.block_table
@@ -196,100 +210,10 @@ class ModelRunner:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """Logits [len(md.logits_indices), vocab] (float32). On CUDA a pure-decode batch replays a
         captured graph, whose output tensor the next step overwrites."""
-        if self.decode_graphs is not None and self.decode_graphs.fits(md):
-            return self.decode_graphs.run(input_ids, positions, md)
-        return self._step(input_ids, positions, md)
-
-    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        if (self.compiled_forward is not None and md.is_decode
-                and (self.compiled_max_batch is None or md.num_seqs <= self.compiled_max_batch)):
-            # Two graphs in all: batch 1, and any batch of 2+ (torch specializes sizes 0 and 1).
-            # The block-table width is dynamic from the start (prepare keeps it >= 2 for that).
-            torch._dynamo.mark_dynamic(md.block_tables, 1)
-            if md.num_seqs > 1:
-                for t in (input_ids, positions, md.seq_lens, md.slot_mapping, md.block_tables, md.logits_indices):
-                    torch._dynamo.mark_dynamic(t, 0)
-                torch._dynamo.mark_dynamic(md.query_start_loc, 0)
-            return self.compiled_forward(input_ids, positions, md)
-        if self.compiled_prefill is not None and not md.is_decode:
-            # one graph for every prefill batch: at least 2 sequences (an empty one pads a single
-            # prompt) and 2 tokens (max_query_len > 1), so no size is ever 0 or 1 (which torch
-            # specializes); logits are taken outside, since how many rows want them varies from 0 up
-            run = md if md.num_seqs > 1 else self._with_empty_sequence(md)
-            for t in (input_ids, positions, md.slot_mapping, run.seq_lens, run.query_start_loc):
-                torch._dynamo.mark_dynamic(t, 0)
-            torch._dynamo.mark_dynamic(run.block_tables, 0)
-            torch._dynamo.mark_dynamic(run.block_tables, 1)
-            x, residual = self.compiled_prefill(input_ids, positions, run)
-            return self.model.compute_logits(x, residual, md)
+        for strategy in self.strategies:
+            if strategy.fits(md):
+                return strategy.run(input_ids, positions, md)
         return self.model(input_ids, positions, md)
-
-    @staticmethod
-    def _with_empty_sequence(md: AttentionMetadata) -> AttentionMetadata:
-        """md plus a sequence with no tokens: attention skips it; the batch then has 2 sequences.
-        Built as normal tensors, like prepare()'s (inference tensors would fail the graph's guards)."""
-        with torch.inference_mode(False):
-            return AttentionMetadata(
-                query_start_loc=torch.cat([md.query_start_loc, md.query_start_loc[-1:]]),
-                seq_lens=torch.cat([md.seq_lens, md.seq_lens.new_zeros(1)]),
-                block_tables=torch.cat([md.block_tables, md.block_tables.new_zeros(1, md.block_tables.shape[1])]),
-                slot_mapping=md.slot_mapping, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
-                logits_indices=md.logits_indices)
-
-    # -- torch.compile -----------------------------------------------------------------------------
-    def _compile_decode(self) -> None:
-        """Compile the decode step now, so no request ever waits for it. Inductor caches what it
-        builds on disk (under torch's cache dir), so later starts skip most of this."""
-        # The modules never change after loading, so their ~1.8k guards (0.9 ms of an 8 ms step
-        # on 2 cores) are dropped; the guards on the step's own inputs remain.
-        # That is only safe while one compiled graph never serves another model: Dynamo keeps its
-        # graphs per code object, so this engine compiles its own copy of the forward's code.
-        self.compiled_forward = self._compile(type(self.model).forward, cpp_wrapper=True)
-        log.info("compiling the decode step with torch.compile (minutes the first time, cached after; "
-                 "--enforce-eager skips it)")
-        start = time.perf_counter()
-        for batch in (1, 2):
-            # dummy tokens at slots 0..batch-1 of block 0: anything stored there is overwritten
-            # before it is read, since attention only reads positions a sequence has written
-            dev = self.device
-            md = AttentionMetadata(
-                query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=dev),
-                seq_lens=torch.ones(batch, dtype=torch.int32, device=dev),
-                block_tables=torch.zeros(batch, 2, dtype=torch.int32, device=dev),
-                slot_mapping=torch.arange(batch, dtype=torch.int64, device=dev),
-                max_query_len=1, max_seq_len=1,
-                logits_indices=torch.arange(batch, dtype=torch.int64, device=dev))
-            self.forward(torch.zeros(batch, dtype=torch.long, device=dev),
-                         torch.zeros(batch, dtype=torch.long, device=dev), md)
-        log.info("compiled the decode step (batches 1 and 2..%s) in %.1f s", self.compiled_max_batch or "any",
-                 time.perf_counter() - start)
-
-    def _compile(self, method, cpp_wrapper: bool = False):
-        """torch.compile of this engine's own copy of one of the model's methods (see above).
-        cpp_wrapper: the graph's code that calls its kernels and lamina's ops is C++ rather than
-        Python. That took 10-15 % off an int4 decode step of SmolLM2 (~6.3 -> ~5.4 ms, 2 cores; bf16
-        a few %), for ~80 s more of compiling the first time; a prefill step's ops are long enough
-        for Python's calls not to matter."""
-        own = types.FunctionType(method.__code__.replace(), method.__globals__, method.__name__,
-                                 method.__defaults__, method.__closure__)
-        return torch.compile(types.MethodType(own, self.model),
-                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                                      "cpp_wrapper": cpp_wrapper})
-
-    def _compile_prefill(self) -> None:
-        self.compiled_prefill = self._compile(type(self.model).hidden_states)
-        start = time.perf_counter()
-        dev = self.device
-        # 3 dummy tokens of one sequence at slots 0-2 of block 0 (overwritten before anything reads
-        # them, as in _compile_decode)
-        md = AttentionMetadata(
-            query_start_loc=torch.tensor([0, 3], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([3], dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(1, 2, dtype=torch.int32, device=dev),
-            slot_mapping=torch.arange(3, dtype=torch.int64, device=dev),
-            max_query_len=3, max_seq_len=3, logits_indices=torch.tensor([2], device=dev))
-        self.forward(torch.zeros(3, dtype=torch.long, device=dev), torch.arange(3, device=dev), md)
-        log.info("compiled the prefill step in %.1f s", time.perf_counter() - start)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

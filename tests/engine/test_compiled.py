@@ -1,4 +1,5 @@
-"""torch.compile of the decode step changes speed, not tokens, and never recompiles while serving."""
+"""torch.compile of the CPU steps changes speed, not tokens, and never recompiles while serving; the
+steps compile in the background while the engine serves eagerly."""
 import pytest
 import torch
 
@@ -12,8 +13,10 @@ from tests.utils import count_step_calls
 
 def make_engine(model_dir, **kw):
     """On the CPU even where there is a GPU: on CUDA compiled steps run inside CUDA graphs
-    (tests/engine/test_cuda_graphs.py)."""
-    return _make_engine(model_dir, device="cpu", **kw)
+    (tests/engine/test_cuda_graphs.py). A compiled engine is returned once its graphs are built."""
+    engine = _make_engine(model_dir, device="cpu", **kw)
+    assert engine.wait_until_compiled(timeout=900), engine.runner.compiled and engine.runner.compiled.error
+    return engine
 
 
 @pytest.mark.slow
@@ -25,15 +28,15 @@ def test_compiled_decode_matches_eager(tiny_model_dir):
     params = SamplingParams(max_tokens=20, temperature=0, logprobs=2, ignore_eos=True)
     eager = run(make_engine(tiny_model_dir, enforce_eager=True), prompts, params)
     compiled_engine = make_engine(tiny_model_dir, enforce_eager=False)
-    runner = compiled_engine.runner
-    assert runner.compiled_forward is not None and COMPILED_MAX_BATCH < 20
-    calls = count_step_calls(runner, "compiled_forward")
+    compiled_steps = compiled_engine.runner.compiled
+    assert compiled_steps.decode is not None and COMPILED_MAX_BATCH < 20
+    calls = count_step_calls(compiled_steps, "decode")
     # both graphs (batch 1; batches 2+) were built at start-up: serving must never compile again
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = run(compiled_engine, prompts, params, stagger=1)
         single = run(compiled_engine, prompts[:1], params)
     assert calls["calls"] > 0 and 1 in calls["sizes"]
-    if runner.compiled_max_batch is None:  # the cpu backend: larger batches compiled too
+    if compiled_steps.max_decode_batch is None:  # the cpu backend: larger batches compiled too
         assert max(calls["sizes"]) > COMPILED_MAX_BATCH
     else:
         assert max(calls["sizes"]) == COMPILED_MAX_BATCH
@@ -72,18 +75,19 @@ def test_compiled_prefill_matches_eager_and_never_recompiles(tmp_path):
     eager = run(make_engine(model_dir, dtype="bfloat16", enforce_eager=True), prompts, params)
     # a 64-token budget: long prompts arrive in chunks, beside other sequences' decode rows
     engine = make_engine(model_dir, dtype="bfloat16", enforce_eager=False, max_num_batched_tokens=64)
-    runner = engine.runner
-    if runner.compiled_prefill is None:
+    compiled_steps = engine.runner.compiled
+    if not engine.runner.cpu_ops:
         pytest.skip("the cpu backend (lamina's C++ kernels) is not available here")
+    assert compiled_steps.prefill is not None
     seen = {"calls": 0, "sizes": set()}
-    inner = runner.compiled_prefill
+    inner = compiled_steps.prefill
 
     def counting(input_ids, positions, md):
         seen["calls"] += 1
         seen["sizes"].add(int(md.seq_lens.count_nonzero()))
         return inner(input_ids, positions, md)
 
-    runner.compiled_prefill = counting
+    compiled_steps.prefill = counting
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = run(engine, prompts, params, stagger=2)
         single = run(engine, prompts[:1], params)
@@ -91,3 +95,31 @@ def test_compiled_prefill_matches_eager_and_never_recompiles(tmp_path):
     for a, b in zip(eager, compiled):
         assert_greedy_agree(a, b)
     assert_greedy_agree(eager[0], single[0])
+
+
+@pytest.mark.slow
+def test_engine_serves_eagerly_while_compiling_then_swaps_in(tiny_model_dir):
+    """The first answer never waits for torch.compile: requests run eagerly while the graphs build
+    on a background thread (whose warm-up touches only the scratch block), and the compiled graphs
+    serve once ready, with the same tokens."""
+    prompts = random_prompts(6, seed=3, lo=3, hi=40)
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=2, ignore_eos=True)
+    eager = run(_make_engine(tiny_model_dir, device="cpu", enforce_eager=True), prompts, params)
+    engine = _make_engine(tiny_model_dir, device="cpu", enforce_eager=False)
+    compiled_steps = engine.runner.compiled
+    # answered before the compile is done, from the eager path, while the compile thread writes
+    # its warm-up tokens: the outputs must not be disturbed
+    during = run(engine, prompts, params)
+    assert not compiled_steps.done.is_set(), "the test model compiled before its first answer"
+    assert compiled_steps.wait(timeout=900), compiled_steps.error
+    assert engine.runner.execution == "compiled CPU steps (ready)"
+    calls = count_step_calls(compiled_steps, "decode")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        after = run(engine, prompts, params)
+    assert calls["calls"] > 0
+    for a, b, c in zip(eager, during, after):
+        assert_greedy_agree(a, b)
+        assert_greedy_agree(a, c)
+    # the scratch block is the cache's last block, outside the scheduler's pool
+    assert engine.runner.scratch_block == engine.block_manager.num_blocks
+    assert engine.runner.k_caches[0].shape[0] == engine.block_manager.num_blocks + 1
