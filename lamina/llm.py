@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import fields
 
@@ -22,6 +23,19 @@ OFFLINE_MAX_NUM_BATCHED_TOKENS = 8192
 PROGRESS_MIN_PROMPTS = 2
 
 
+def _show_engine_log() -> None:
+    """A library user who configured no logging still sees the start-up lines (model, KV cache,
+    fast paths, the background compile), as vLLM shows its own: INFO of the lamina loggers on stderr."""
+    lamina_log = logging.getLogger("lamina")
+    if lamina_log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s lamina: %(message)s", "%H:%M:%S"))
+    lamina_log.addHandler(handler)
+    if lamina_log.level == logging.NOTSET:
+        lamina_log.setLevel(logging.INFO)
+
+
 class LLM:
     """An engine in the caller's thread. Every call runs all its prompts through the engine at
     once (continuous batching), so a list of 256 prompts costs far less than 256 calls.
@@ -38,6 +52,7 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
         engine_options.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
+        _show_engine_log()
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **engine_options))
         self._ids = itertools.count()
 

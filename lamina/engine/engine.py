@@ -88,6 +88,9 @@ class LLMEngine:
                  config.model, self.runner.device, str(self.runner.dtype).replace("torch.", ""),
                  self.runner.num_blocks, config.block_size, self.kv_capacity_tokens,
                  self.runner.num_blocks * self.runner.bytes_per_block / 2**30)
+        from lamina.env import one_line_summary
+        log.info("%s", one_line_summary(device=self.runner.device, attention_backend=self.runner.attention_backend,
+                                        execution=self.runner.execution))
 
     def wait_until_compiled(self, timeout: float | None = None) -> bool:
         """Block until the background compile of the steps is done; True if compiled steps serve

@@ -105,6 +105,12 @@ class ModelRunner:
         self.strategies = [s for s in (self.decode_graphs, self.compiled) if s is not None]
 
     @property
+    def attention_backend(self) -> str:
+        """The backend's name as --attention-backend takes it."""
+        module = self.model.layers[0].self_attn.ops.__name__.rsplit(".", 1)[-1]
+        return {"reference": "torch", "triton_ops": "triton"}.get(module, module)
+
+    @property
     def execution(self) -> str:
         """How steps run, for the start-up line and `lamina env`."""
         if self.decode_graphs is not None:
