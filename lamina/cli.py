@@ -38,17 +38,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="CPU KV-cache budget, e.g. 2GiB (default: 4GiB)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="KV-cache dtype; auto = float32 on CPU (faster attention there), the model's dtype on GPU")
+                   help="KV-cache dtype; auto = the model's, except float32 with the torch attention backend on CPU "
+                        "(torch's CPU attention is faster in float32)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn off reuse of cached prompt prefixes")
     g.add_argument("--attention-backend", choices=["torch", "cpu", "triton"], default=None,
-                   help="kernels: triton on CUDA, cpu (torch + C++ decode attention) on CPU by default ($LAMINA_ATTENTION_BACKEND)")
+                   help="kernels: triton on CUDA; on CPU cpu (lamina's C++ prefill/decode attention, SwiGLU, RMSNorm) "
+                        "where its kernels build, else torch ($LAMINA_ATTENTION_BACKEND)")
     g.add_argument("--compile", dest="enforce_eager", action="store_false", default=None,
-                   help="torch.compile the model step (the default on CPU; ignored on CUDA, where decode replays CUDA graphs)")
+                   help="torch.compile the model's steps on a background thread, serving eagerly until they are ready "
+                        "(the default on CPU; ignored on CUDA, where decode replays CUDA graphs)")
     g.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
-                   help="no torch.compile on CPU, no CUDA graphs on GPU: faster start, slower small-batch decode ($LAMINA_ENFORCE_EAGER=1)")
+                   help="no torch.compile on CPU, no CUDA graphs on GPU: less CPU at start, slower small-batch decode ($LAMINA_ENFORCE_EAGER=1)")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     g.add_argument("--log-stats-interval", type=float, default=0.0,
@@ -90,11 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Serve a model over an OpenAI-compatible HTTP API (chat completions, completions, models, "
         "health, metrics, tokenize)."))
     add_engine_args(p)
-    try:
-        from lamina.server import add_serve_args
-        add_serve_args(p)
-    except ImportError:  # pragma: no cover - server package incomplete
-        pass
+    from lamina.server import add_serve_args
+    add_serve_args(p)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal", description=(
         "Interactive multi-turn chat. Tokens stream as they come. Commands: /reset clears the "
@@ -145,6 +145,7 @@ def _report_profile(llm, args) -> None:
 
 
 def cmd_chat(args) -> int:
+    from lamina.engine.errors import RequestFailedError
     from lamina.llm import LLM
     llm = LLM(**_llm_kwargs(args))
     params = sampling_params_from_args(args)
@@ -175,7 +176,7 @@ def cmd_chat(args) -> int:
                 sys.stdout.flush()
         except KeyboardInterrupt:  # stop this answer, keep the session
             pass
-        except ValueError as e:
+        except (ValueError, RequestFailedError) as e:
             conversation.pop()
             print(f"error: {e}", file=sys.stderr)
             continue
