@@ -182,11 +182,13 @@ def build(namespace: str = "lamina", march: str = "native") -> Path:
     folder = cache / name
     library = folder / f"{name}.so"
     _private_dir(cache)
-    _private_dir(folder)
-    if _complete(library):
-        return library
+    if folder.exists():
+        _private_dir(folder)
+        if _complete(library):
+            return library
     if shutil.which(compiler()) is None:
         raise RuntimeError(f"no C++ compiler to build them ({compiler()!r}; set $CXX to choose one)")
+    _private_dir(folder)
     if shutil.which("ninja") is None:
         try:  # the ninja package's binary, where its scripts folder is not on PATH (a venv not activated)
             import ninja

@@ -100,3 +100,17 @@ def test_expected_to_build_is_the_one_rule(monkeypatch):
     monkeypatch.setenv("LAMINA_CPU_KERNELS", "0")
     assert not cpu.expected_to_build() and "LAMINA_CPU_KERNELS=0" in cpu.unsupported_reason()
     assert not cpu.load() and "LAMINA_CPU_KERNELS=0" in cpu.load_error()
+
+
+def test_ninja_found_outside_path_and_nothing_left_without_a_compiler(fake, tmp_path, monkeypatch):
+    """A venv used without activating it has the ninja package's binary off PATH: cpu.py adds it.
+    Without a compiler nothing is built and no folder is left behind."""
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None if name == "ninja" else "/usr/bin/" + name)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cpu.build("lamina_test")
+    assert os.environ["PATH"].split(os.pathsep)[-1] == ninja.BIN_DIR
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="no C.. compiler"):
+        cpu.build("lamina_test", march="x86-64-v2")
+    assert len([p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]) == 1
