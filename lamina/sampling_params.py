@@ -1,7 +1,25 @@
 """What a request asks of the sampler, and what comes back."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, replace
+
+from lamina.engine.errors import RequestError
+
+INT32_MAX = 2 ** 31 - 1
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1   # OpenAI's range for `seed`
+MAX_N = 1024                 # samples per prompt (the server allows OpenAI's 128)
+MAX_LOGPROBS = 20            # top alternatives per token, as OpenAI and vLLM allow
+MAX_STOP_STRINGS = 4         # OpenAI's limit; every one is searched for after each token
+MAX_STOP_LENGTH = 256        # characters; a held-back stream tail is compared against each prefix
+MAX_TOKEN_IDS = 1024         # entries of logit_bias, and of stop_token_ids: applied per row each step
+MAX_REPETITION_PENALTY = 100.0
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -36,35 +54,77 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def bad(name, why):
-            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
-        if self.n < 1:
-            bad("n", "must be at least 1")
-        if self.max_tokens is not None and self.max_tokens < 0:
-            bad("max_tokens", "must be non-negative")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            bad("min_tokens", "must be between 0 and max_tokens")
-        if self.temperature is not None and not 0 <= self.temperature:
-            bad("temperature", "must be non-negative")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if self.top_k is not None and self.top_k < -1:
-            bad("top_k", "must be -1, 0 (off) or positive")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if not -2 <= self.presence_penalty <= 2:
-            bad("presence_penalty", "must be in [-2, 2]")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad("frequency_penalty", "must be in [-2, 2]")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be positive")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad("logprobs", "must be in [0, 20]")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            bad("prompt_logprobs", "must be in [0, 20]")
-        for token, bias in (self.logit_bias or {}).items():
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias for token {token} must be in [-100, 100], got {bias}")
+        """Raise RequestError (a ValueError) naming the first field out of its range. Every number
+        is bounded: what reaches the sampler fits its tensors and cannot overflow in a step."""
+        def bad(name, why, value=None, got=None):
+            got = got or _short(getattr(self, name) if value is None else value)
+            raise RequestError(f"Invalid value for '{name}': {why}, got {got}.", param=name)
+
+        def integer(name, lo, hi, value=None, optional=False):
+            v = getattr(self, name) if value is None else value
+            if v is None and optional:
+                return
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):   # numpy ints too
+                bad(name, "expected an integer", v)
+            if not lo <= v <= hi:
+                bad(name, f"must be between {lo} and {hi}", v)
+
+        def number(name, lo, hi, value=None, optional=False, lo_open=False):
+            v = getattr(self, name) if value is None else value
+            if v is None and optional:
+                return
+            if not isinstance(v, numbers.Real) or isinstance(v, bool):
+                bad(name, "expected a number", v)
+            if not (lo < v if lo_open else lo <= v) or not v <= hi or math.isinf(v):  # NaN fails both
+                bad(name, f"must be {'greater than' if lo_open else 'at least'} {lo} and finite" if hi == math.inf
+                    else f"must be in {'(' if lo_open else '['}{lo}, {hi}]", v)
+
+        integer("n", 1, MAX_N)
+        integer("max_tokens", 0, INT32_MAX, optional=True)
+        integer("min_tokens", 0, INT32_MAX if self.max_tokens is None else self.max_tokens)
+        number("temperature", 0, math.inf, optional=True)
+        number("top_p", 0, 1, optional=True, lo_open=True)
+        integer("top_k", -1, INT32_MAX, optional=True)
+        number("min_p", 0, 1, optional=True)
+        number("presence_penalty", -2, 2)
+        number("frequency_penalty", -2, 2)
+        number("repetition_penalty", 0, MAX_REPETITION_PENALTY, optional=True, lo_open=True)
+        integer("seed", INT64_MIN, INT64_MAX, optional=True)
+        integer("logprobs", 0, MAX_LOGPROBS, optional=True)
+        integer("prompt_logprobs", 0, MAX_LOGPROBS, optional=True)
+        bias = self.logit_bias or {}
+        if not isinstance(bias, dict) or len(bias) > MAX_TOKEN_IDS:
+            bad("logit_bias", f"expected a mapping of at most {MAX_TOKEN_IDS} token ids to biases",
+                got=f"{len(bias)} entries" if isinstance(bias, dict) else None)
+        for token, value in bias.items():
+            if not isinstance(token, numbers.Integral) or isinstance(token, bool) or not 0 <= token <= INT32_MAX:
+                bad("logit_bias", "keys must be token ids (non-negative integers)", token)
+            number("logit_bias", -100, 100, value=value)
+        if len(self.stop_token_ids) > MAX_TOKEN_IDS:
+            bad("stop_token_ids", f"at most {MAX_TOKEN_IDS} ids", got=f"{len(self.stop_token_ids)}")
+        for token in self.stop_token_ids:
+            integer("stop_token_ids", 0, INT32_MAX, value=token)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad("stop", f"at most {MAX_STOP_STRINGS} stop strings", got=f"{len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str):
+                bad("stop", "stop strings must be strings", s)
+            if len(s) > MAX_STOP_LENGTH:
+                bad("stop", f"a stop string may be at most {MAX_STOP_LENGTH} characters long",
+                    got=f"one of {len(s)}")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids the request names (logit_bias, stop_token_ids) must index the model's logits:
+        `vocab_size` is their width (the model config's vocab_size), which can differ from the
+        tokenizer's vocabulary."""
+        for token in (self.logit_bias or {}):
+            if token >= vocab_size:
+                raise RequestError(f"Invalid key in 'logit_bias': token id {token} is outside the vocabulary "
+                                   f"(0..{vocab_size - 1}).", param="logit_bias")
+        for token in self.stop_token_ids:
+            if token >= vocab_size:
+                raise RequestError(f"Invalid value for 'stop_token_ids': token id {token} is outside the "
+                                   f"vocabulary (0..{vocab_size - 1}).", param="stop_token_ids")
 
     def with_defaults(self, defaults: dict) -> "SamplingParams":
         """Fill unset fields from the model's generation_config.json, then the usual defaults."""

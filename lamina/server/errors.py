@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from lamina.engine.errors import RequestError
+
 _DEFAULT_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                  405: "invalid_request_error", 408: "invalid_request_error", 411: "invalid_request_error",
                  413: "invalid_request_error", 417: "invalid_request_error", 429: "rate_limit_error",
@@ -35,6 +37,12 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def from_request_error(e: RequestError) -> APIError:
+    """The one mapping of a typed validation error (raised by SamplingParams, the engine or the
+    server's own parsing) onto OpenAI's 400."""
+    return APIError(400, e.message, param=e.param, code=e.code or "invalid_value")
 
 
 def internal_error() -> APIError:

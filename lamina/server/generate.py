@@ -10,10 +10,12 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
-from lamina.engine.errors import ContextLengthExceeded, EngineDeadError, RequestError
+from lamina.engine.errors import (ContextLengthExceeded, EngineDeadError, RequestError, RequestFailedError,
+                                  check_context_length, context_length_exceeded)
 from lamina.server import openai_api as oai
-from lamina.server.errors import APIError, bad_request
+from lamina.server.errors import APIError, bad_request, from_request_error, internal_error
 from lamina.server.http import ClientGone, Exchange, Request
+from lamina.tokenizer import ChatTemplateError
 
 log = logging.getLogger("lamina.server")
 
@@ -39,38 +41,73 @@ class _Aborted(Exception):
     pass
 
 
-def _context_error(app, n_prompt: int, max_tokens: int | None, param: str) -> APIError:
-    limit = app.engine.max_model_len
-    if max_tokens is None:
-        msg = (f"This model's maximum context length is {limit} tokens. However, your {param} resulted in "
-               f"{n_prompt} tokens, which leaves no room for a completion. Please reduce the length of the "
-               f"{param}.")
-    else:
-        msg = (f"This model's maximum context length is {limit} tokens. However, you requested "
-               f"{n_prompt + max_tokens} tokens ({n_prompt} in the {param}, {max_tokens} in the completion). "
-               f"Please reduce the length of the {param} or completion.")
-    return bad_request(msg, param, "context_length_exceeded")
+def logits_width(engine) -> int:
+    """How many token ids the model has logits for (the model config's vocab_size): the bound of
+    the ids that logit_bias and stop_token_ids may name. It can differ from the tokenizer's
+    vocabulary, and an id past it would index out of the sampler's tensors."""
+    width = getattr(engine, "vocab_size", None)
+    if width is None:
+        width = engine.engine.model_config.vocab_size
+    return width
 
 
-def _encode(tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+def _batch_tokenizer(tok):
+    """The `tokenizers` object behind lamina's Tokenizer, if it has one: its *_batch methods
+    release the GIL while they work (encode and decode hold it throughout: an 8 MiB prompt held it
+    for seconds, freezing the event loop even when tokenized on a worker thread)."""
+    inner = getattr(tok, "_tok", None)
+    return inner if hasattr(inner, "encode_batch") and hasattr(inner, "decode_batch") else None
+
+
+def encode_text(tok, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
     try:
-        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        inner = _batch_tokenizer(tok)
+        if inner is not None:
+            return inner.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return tok.encode(text, add_special_tokens=add_special_tokens)
     except Exception:
         raise bad_request(f"'{param}' could not be tokenized (is it valid UTF-8 text?).", param) from None
+
+
+def decode_ids(tok, ids: list[int], skip_special_tokens: bool = True) -> str:
+    inner = _batch_tokenizer(tok)
+    if inner is not None:
+        return inner.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
+    return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The chat template's text. A template's own refusal (ChatTemplateError: roles that do not
+    alternate, a missing template) is the client's to fix: a 400 with its message. Anything else
+    is our bug: it propagates to a 500 that says nothing of it."""
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as e:
+        raise bad_request(f"The chat template could not render these messages: {e}", "messages") from None
+
+
+def parse_request(app, kind: str, body: bytes) -> tuple[oai.GenerationRequest, list[_Prompt]]:
+    """Everything a generation request needs before the engine sees it: parse and validate the
+    JSON, render the chat template, tokenize, resolve max_tokens, check the context. CPU-heavy
+    for long prompts, so it runs on a worker thread. Raises APIError or RequestError."""
+    obj = oai.load_json(body)
+    width = logits_width(app.engine)
+    if kind == "chat":
+        gen = oai.parse_chat(obj, app.served_names, width)
+    else:
+        gen = oai.parse_completion(obj, app.served_names, width, min(width, app.engine.tokenizer.vocab_size))
+    return gen, _prepare(app, gen)
 
 
 def _prepare(app, gen: oai.GenerationRequest) -> list[_Prompt]:
     """Tokenize the prompt(s), resolve max_tokens and check that everything fits the context."""
     tok = app.engine.tokenizer
     if gen.kind == "chat":
-        try:
-            text = tok.apply_chat_template(gen.messages, add_generation_prompt=True)
-        except Exception as e:  # ChatTemplateError: the template refused this conversation
-            raise bad_request(f"The chat template could not render these messages: {e}", "messages") from None
-        raw = [(text, _encode(tok, text, False, "messages"))]
+        text = render_chat(tok, gen.messages)
+        raw = [(text, encode_text(tok, text, False, "messages"))]
         param = "messages"
     else:
-        raw = [(p, _encode(tok, p, True, "prompt")) if isinstance(p, str) else (tok.decode(p), p)
+        raw = [(p, encode_text(tok, p, True, "prompt")) if isinstance(p, str) else (decode_ids(tok, p), p)
                for p in gen.prompts]
         param = "prompt"
     prompts, limit = [], app.engine.max_model_len
@@ -78,18 +115,13 @@ def _prepare(app, gen: oai.GenerationRequest) -> list[_Prompt]:
         if not ids:
             raise bad_request(f"The {param} is empty.", param)
         max_tokens = gen.params.max_tokens
-        if len(ids) >= limit or (max_tokens is not None and len(ids) + max_tokens > limit):
-            raise _context_error(app, len(ids), max_tokens, param)
+        check_context_length(limit, len(ids), max_tokens, param)
+        # SamplingParams re-validates with the resolved max_tokens (min_tokens must fit under it)
+        params = replace(gen.params, max_tokens=limit - len(ids) if max_tokens is None else max_tokens)
         try:
-            params = replace(gen.params, max_tokens=limit - len(ids) if max_tokens is None else max_tokens)
             app.engine.validate(ids, params)
-        except ContextLengthExceeded as e:
-            raise bad_request(e.message, param, "context_length_exceeded") from None
-        except RequestError as e:
-            raise bad_request(e.message, e.param, e.code or "invalid_value") from None
-        except ValueError as e:  # SamplingParams re-validated with the resolved max_tokens
-            name = str(e).split()[0]
-            raise bad_request(f"Invalid value for '{name}': {e}.", name) from None
+        except ContextLengthExceeded:   # the engine's own check; worded (and param named) as ours
+            raise context_length_exceeded(limit, len(ids), max_tokens, param) from None
         prompts.append(_Prompt(ids, text, params))
     return prompts
 
@@ -137,17 +169,31 @@ async def _outputs(app, prompts: list[_Prompt], request_id: str):
 
 
 def _error_for(exc: BaseException) -> APIError:
+    """What the client is told. Exception text stays in the server's log: a 500 or 503 says
+    nothing of paths, tensors or code."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, _Aborted):
         return APIError(503, "The request was aborted: the server is shutting down.", type="server_error",
                         headers=[("Retry-After", "1")])
     if isinstance(exc, RequestError):
-        return bad_request(exc.message, exc.param, exc.code or "invalid_value")
+        return from_request_error(exc)
     if isinstance(exc, EngineDeadError):
-        return APIError(503, f"The engine has stopped: {exc}", type="server_error")
-    return APIError(500, f"The server had an error while processing your request: {exc}",
-                    headers=[("x-should-retry", "false")])
+        return APIError(503, "The engine has stopped and cannot serve requests; the server needs a restart.",
+                        type="server_error")
+    if isinstance(exc, RequestFailedError):  # its message is written for clients (the cause is logged)
+        return APIError(500, str(exc), headers=[("x-should-retry", "false")])
+    return internal_error()
+
+
+def _log_failure(request_id: str, exc: BaseException, streaming: bool) -> None:
+    if isinstance(exc, (_Aborted, APIError, RequestError)):
+        return
+    where = " while streaming" if streaming else ""
+    if isinstance(exc, (EngineDeadError, RequestFailedError)):   # the engine has logged the cause
+        log.error("request %s failed%s: %s", request_id, where, exc)
+    else:
+        log.error("request %s failed%s", request_id, where, exc_info=exc)
 
 
 class _Run:
@@ -258,10 +304,8 @@ class _Run:
         except (ClientGone, asyncio.CancelledError):
             raise
         except Exception as e:  # too late for a status code: report it in the stream
-            err = _error_for(e)
-            if err.status >= 500 and not isinstance(e, (_Aborted, EngineDeadError)):
-                log.error("request %s failed while streaming", self.id, exc_info=e)
-            await ex.write(oai.sse(err.to_dict()))
+            _log_failure(self.id, e, streaming=True)
+            await ex.write(oai.sse(_error_for(e).to_dict()))
         await ex.write(oai.SSE_DONE)
         await ex.end_stream()
 
@@ -283,23 +327,16 @@ class _Run:
         else:
             choices = [{"index": c.index, "text": c.text, "logprobs": logprobs.get(c.index),
                         "finish_reason": c.finish_reason} for c in self.choices]
-        await self.ex.send_json(200, {"id": self.id, "object": "chat.completion" if chat else "text_completion",
-                                      "created": self.created, "model": self.gen.model,
-                                      "system_fingerprint": oai.SYSTEM_FINGERPRINT, "choices": choices,
-                                      "usage": self.usage()},
-                                headers=[("x-request-id", self.id)])
+        body = {"id": self.id, "object": "chat.completion" if chat else "text_completion", "created": self.created,
+                "model": self.gen.model, "system_fingerprint": oai.SYSTEM_FINGERPRINT, "choices": choices,
+                "usage": self.usage()}
+        # n x logprobs can make megabytes of JSON: encoded on a worker thread, in pieces
+        await self.ex.send(200, await self.app.run_cpu(oai.dumps, body), headers=[("x-request-id", self.id)])
 
 
 async def handle_generation(app, req: Request, ex: Exchange, kind: str) -> None:
-    body = oai.load_json(req.body)
-    vocab = app.engine.tokenizer.vocab_size
-    parse = oai.parse_chat if kind == "chat" else oai.parse_completion
-    gen = parse(body, app.served_names, vocab)
-    if len(req.body) > 64 << 10:  # tokenizing a long prompt takes a while: keep the event loop free
-        prompts = await asyncio.get_running_loop().run_in_executor(None, _prepare, app, gen)
-    else:
-        prompts = _prepare(app, gen)
-    with app.admit(len(prompts)):
+    gen, prompts = await app.run_cpu(parse_request, app, kind, req.body)
+    with app.admit(len(prompts), gen.params.n):
         run = _Run(app, gen, prompts, ex)
         try:
             if gen.stream:
@@ -310,10 +347,8 @@ async def handle_generation(app, req: Request, ex: Exchange, kind: str) -> None:
                 except ClientGone:
                     raise
                 except Exception as e:
-                    err = _error_for(e)
-                    if err.status >= 500 and not isinstance(e, (_Aborted, EngineDeadError)):
-                        log.error("request %s failed", run.id, exc_info=e)
-                    raise err from None
+                    _log_failure(run.id, e, streaming=False)
+                    raise _error_for(e) from None
         finally:
             usage = run.usage()
             ttft = f"{run.ttft:.3f}s" if run.ttft is not None else "-"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 from lamina.sampling_params import SamplingParams, TokenLogprob
@@ -66,7 +67,7 @@ def _range(name: str, v, lo=None, hi=None):
     if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
         bounds = (f"between {lo} and {hi}" if lo is not None and hi is not None
                   else f"at least {lo}" if lo is not None else f"at most {hi}")
-        raise bad_request(f"Invalid value for '{name}': expected a value {bounds}, but got {v}.", name)
+        raise bad_request(f"Invalid value for '{name}': expected a value {bounds}, but got {_short(v)}.", name)
     return v
 
 
@@ -86,15 +87,20 @@ def _bool(body, name, default=None):
     return default if v is None else v
 
 
-def int_list(value, name: str, vocab_size: int | None) -> list[int]:
+def int_list(value, name: str, vocab_size: int | None = None) -> list[int]:
+    """An array of token ids: integers, and below vocab_size when given."""
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise bad_request(f"Invalid type for '{name}': expected an array of integers.", name, "invalid_type")
-    if vocab_size is not None:
-        for t in value:
-            if not 0 <= t < vocab_size:
-                raise bad_request(f"Invalid value for '{name}': token id {t} is outside the vocabulary "
-                                  f"(0..{vocab_size - 1}).", name)
+    for t in value:
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            raise bad_request(f"Invalid value for '{name}': token id {_short(t)} is outside the vocabulary"
+                              + (f" (0..{vocab_size - 1})." if vocab_size is not None else "."), name)
     return value
+
+
+def _short(value, limit: int = 40) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def resolve_model(body: dict, served_names: list[str]) -> str:
@@ -115,6 +121,14 @@ def _not_supported(name: str, what: str) -> APIError:
 
 
 # -- sampling fields shared by both endpoints ----------------------------------------------------
+# Here: JSON types, and the ranges OpenAI's API sets beyond what the engine needs (temperature up to
+# 2, n up to 128, top_logprobs up to 20). Every other bound is SamplingParams.validate's, which
+# raises a RequestError naming the field; the server maps that to a 400 in one place.
+MAX_N = 128
+INT32_MAX = 2 ** 31 - 1
+_TOKEN_KEY = re.compile(r"[0-9]{1,10}")
+
+
 def _stop(body) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -127,23 +141,18 @@ def _stop(body) -> list[str]:
     return [s for s in stop if s]
 
 
-def _logit_bias(body, vocab_size: int) -> dict[int, float] | None:
+def _logit_bias(body) -> dict[int, float] | None:
     bias = _typed(body, "logit_bias", (dict,), "an object mapping token ids to biases")
     if not bias:
         return None
     out = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise bad_request(f"Invalid key in 'logit_bias': {key!r} is not a token id.", "logit_bias") from None
-        if not 0 <= token < vocab_size:
-            raise bad_request(f"Invalid key in 'logit_bias': token id {token} is outside the vocabulary.",
-                              "logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+        if not _TOKEN_KEY.fullmatch(key):
+            raise bad_request(f"Invalid key in 'logit_bias': {_short(repr(key))} is not a token id.", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad_request(f"Invalid value in 'logit_bias' for token {key}: expected a number between "
-                              f"-100 and 100.", "logit_bias")
-        out[token] = float(value)
+                              f"-100 and 100.", "logit_bias", "invalid_type")
+        out[int(key)] = value
     return out
 
 
@@ -157,42 +166,40 @@ def _stream_flags(body) -> tuple[bool, bool]:
 
 
 def _sampling_params(body, *, max_tokens, vocab_size, logprobs=None, prompt_logprobs=None) -> SamplingParams:
-    n = _int(body, "n", 1, 128)
-    seed = _int(body, "seed", -(2 ** 63), 2 ** 63 - 1)
+    """`vocab_size`: the width of the model's logits, which logit_bias and stop_token_ids index."""
+    n = _int(body, "n", 1, MAX_N)
+    stop_token_ids = body.get("stop_token_ids")
     kwargs = dict(
         n=1 if n is None else n,
         max_tokens=max_tokens,
-        min_tokens=_int(body, "min_tokens", 0) or 0,
+        min_tokens=_int(body, "min_tokens") or 0,
         temperature=_num(body, "temperature", 0, 2),
-        top_p=_num(body, "top_p", 0, 1),
-        top_k=_int(body, "top_k", -1),
-        min_p=_num(body, "min_p", 0, 1),
-        presence_penalty=_num(body, "presence_penalty", -2, 2) or 0.0,
-        frequency_penalty=_num(body, "frequency_penalty", -2, 2) or 0.0,
+        top_p=_num(body, "top_p"),
+        top_k=_int(body, "top_k"),
+        min_p=_num(body, "min_p"),
+        presence_penalty=_num(body, "presence_penalty") or 0.0,
+        frequency_penalty=_num(body, "frequency_penalty") or 0.0,
         repetition_penalty=_num(body, "repetition_penalty"),
-        logit_bias=_logit_bias(body, vocab_size),
-        seed=seed,
+        logit_bias=_logit_bias(body),
+        seed=_int(body, "seed"),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         stop=_stop(body),
-        stop_token_ids=(int_list(body["stop_token_ids"], "stop_token_ids", vocab_size)
-                        if body.get("stop_token_ids") is not None else []),
+        stop_token_ids=[] if stop_token_ids is None else int_list(stop_token_ids, "stop_token_ids"),
         ignore_eos=_bool(body, "ignore_eos", False),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
     )
     if kwargs["top_p"] == 0:  # OpenAI allows 0; it means "only the most likely token"
         kwargs["top_p"], kwargs["top_k"] = 1.0, 1
-    try:
-        return SamplingParams(**kwargs)
-    except ValueError as e:  # SamplingParams names the field first in its message
-        name = str(e).split()[0]
-        raise bad_request(f"Invalid value for '{name}': {e}.", name) from None
+    params = SamplingParams(**kwargs)   # RequestError (param named) if a value is out of range
+    params.check_token_ids(vocab_size)
+    return params
 
 
 def _max_tokens(body, names, lo: int):
     for name in names:  # the first one given wins
-        v = _int(body, name, lo)
+        v = _int(body, name, lo, INT32_MAX)
         if v is not None:
             return v
     return None
@@ -263,7 +270,7 @@ def parse_messages(value) -> list[dict]:
     return out
 
 
-def parse_chat(body: dict, served_names: list[str], vocab_size: int) -> GenerationRequest:
+def parse_chat(body: dict, served_names: list[str], logits_width: int) -> GenerationRequest:
     model = resolve_model(body, served_names)
     messages = parse_messages(body.get("messages"))
     if body.get("tools") is not None:
@@ -287,7 +294,7 @@ def parse_chat(body: dict, served_names: list[str], vocab_size: int) -> Generati
         raise bad_request("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens", "maximum_tokens"), 1)
-    params = _sampling_params(body, max_tokens=max_tokens, vocab_size=vocab_size, logprobs=logprobs)
+    params = _sampling_params(body, max_tokens=max_tokens, vocab_size=logits_width, logprobs=logprobs)
     return GenerationRequest("chat", model, params, stream, include_usage, messages=messages,
                              logprobs=logprobs)
 
@@ -311,19 +318,22 @@ def parse_prompts(value, vocab_size: int) -> list[str | list[int]]:
                       "ids or an array of token-id arrays.", "prompt", "invalid_type")
 
 
-def parse_completion(body: dict, served_names: list[str], vocab_size: int) -> GenerationRequest:
+def parse_completion(body: dict, served_names: list[str], logits_width: int,
+                     prompt_vocab_size: int | None = None) -> GenerationRequest:
+    """`prompt_vocab_size`: token-id prompts must be below it (ids the tokenizer can decode and the
+    model can embed); `logits_width`: the bound of ids that logit_bias and stop_token_ids name."""
     model = resolve_model(body, served_names)
-    prompts = parse_prompts(body.get("prompt"), vocab_size)
+    prompts = parse_prompts(body.get("prompt"), prompt_vocab_size or logits_width)
     if body.get("suffix"):
         raise _not_supported("suffix", "it has no fill-in-the-middle")
-    best_of, n = _int(body, "best_of", 1, 20), _int(body, "n", 1, 128) or 1
+    best_of, n = _int(body, "best_of", 1, MAX_N), _int(body, "n", 1, MAX_N) or 1
     if best_of is not None and best_of != n:
         raise _not_supported("best_of", "use 'n' instead")
     stream, include_usage = _stream_flags(body)
     logprobs = _int(body, "logprobs", 0, 20)
     echo = _bool(body, "echo", False)
     max_tokens = _max_tokens(body, ("max_tokens", "maximum_tokens"), 0)
-    params = _sampling_params(body, max_tokens=16 if max_tokens is None else max_tokens, vocab_size=vocab_size,
+    params = _sampling_params(body, max_tokens=16 if max_tokens is None else max_tokens, vocab_size=logits_width,
                               logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
     return GenerationRequest("completion", model, params, stream, include_usage, prompts=prompts, echo=echo,
                              logprobs=logprobs)
@@ -376,3 +386,36 @@ def sse(obj) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+# -- JSON bodies off the event loop --------------------------------------------------------------
+_SLICE = 8192   # list items per json.dumps call
+
+
+def dumps(obj) -> bytes:
+    """json.dumps(obj) in pieces, for a worker thread. One json.dumps call holds the GIL until it
+    returns, so encoding a big response (a /tokenize of 2M ids, n x logprobs) in one call would
+    stall the event loop even from another thread; between pieces the loop gets its turn."""
+    out: list[str] = []
+    _pieces(obj, out, 0)
+    return "".join(out).encode()
+
+
+def _pieces(obj, out: list[str], depth: int) -> None:
+    if isinstance(obj, dict) and depth < 3:
+        out.append("{")
+        for i, (key, value) in enumerate(obj.items()):
+            out.append(("," if i else "") + json.dumps(str(key)) + ":")
+            _pieces(value, out, depth + 1)
+        out.append("}")
+    elif isinstance(obj, list) and depth < 3 and obj and isinstance(obj[0], (dict, list)):
+        out.append("[")
+        for i, value in enumerate(obj):
+            if i:
+                out.append(",")
+            _pieces(value, out, depth + 1)
+        out.append("]")
+    elif isinstance(obj, list) and len(obj) > _SLICE:
+        out.append("[" + ",".join(json.dumps(obj[i:i + _SLICE])[1:-1] for i in range(0, len(obj), _SLICE)) + "]")
+    else:
+        out.append(json.dumps(obj))

@@ -167,7 +167,7 @@ def test_32_concurrent_streams(server):
 
 
 def test_queue_bound_429_with_retry_after(make_server):
-    srv = make_server(max_inflight_requests=1)
+    srv = make_server(max_inflight_seqs=1)
     first = Conn(srv.port)
     first.send(request_bytes("POST", "/chat/completions",
                              json.dumps(_chat(max_tokens=60, stream=True, ignore_eos=True)).encode()))
