@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import os
 
 import numpy as np
@@ -58,6 +60,17 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A KV-cache tensor of zeros, not empty: padded lanes of a gathered block may be read (then
+    masked), and 0 * NaN from never-written memory would poison the output. On CPU it lives in an
+    anonymous mapping, whose pages the OS zeroes on first touch: writing gigabytes of zeros up front
+    would hold the first answer back by seconds."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str, max_model_len: int):
         self.config = config
@@ -82,10 +95,8 @@ class ModelRunner:
         self.scratch_block = self.num_blocks
         cfg = self.model.config
         shape = (self.num_blocks + 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        # zeros, not empty: padded lanes of a gathered block may be read (then masked), and 0 * NaN
-        # from never-written memory would poison the output
-        self.k_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self.k_caches = [zeroed_cache(shape, self.kv_dtype, self.device) for _ in range(cfg.num_hidden_layers)]
+        self.v_caches = [zeroed_cache(shape, self.kv_dtype, self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
         # execution strategies, fastest first; a batch none of them fits runs eagerly
         self.compiled: CompiledSteps | None = None
