@@ -117,9 +117,12 @@ class AsyncEngine:
             log.exception("engine step loop died")
             with self._lock:
                 self._dead = e
-            self._fail_all(EngineDeadError("the engine failed and has stopped; the server must be restarted"))
             if self.on_death is not None:
-                self.on_death(e)
+                try:
+                    self.on_death(e)
+                except Exception:
+                    log.exception("on_death failed")
+            self._fail_all(EngineDeadError("the engine failed and has stopped; the server must be restarted"))
 
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._lock:
