@@ -6,9 +6,7 @@ import logging
 import re
 import sys
 
-from lamina.config import EngineConfig
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from lamina.config import DEFAULT_MODEL, EngineConfig
 
 
 def parse_bytes(text: str) -> int:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+DEFAULT_MODEL = "smollm2-135m-instruct"   # a registry name (lamina/registry.py)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -93,7 +94,7 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     dtype: str = "auto"                       # auto | float32 | bfloat16 | float16
     device: str | None = None                 # None: cuda if available, else cpu
     quantization: str | None = None           # None | int8 (per output channel) | int4 (groups of 32), weight-only

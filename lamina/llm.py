@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import fields
 
-from lamina.config import EngineConfig
+from lamina.config import DEFAULT_MODEL, EngineConfig
 from lamina.engine.engine import LLMEngine
 from lamina.engine.errors import RequestFailedError
 from lamina.sampling_params import RequestOutput, SamplingParams
@@ -45,7 +45,7 @@ class LLM:
         print(out[0].text)
     """
 
-    def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "auto", device: str | None = None,
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "auto", device: str | None = None,
                  **engine_options):
         known = {f.name for f in fields(EngineConfig)}
         unknown = set(engine_options) - known

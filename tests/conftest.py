@@ -18,7 +18,7 @@ os.environ.setdefault("LAMINA_ENFORCE_EAGER", "1")
 # --- the default model (lamina.registry) -------------------------------------------------------
 import pytest  # noqa: E402
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from lamina.config import DEFAULT_MODEL  # noqa: E402
 
 
 @pytest.fixture(scope="session")
