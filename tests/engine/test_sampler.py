@@ -134,3 +134,23 @@ def test_plain_greedy_fast_path_is_taken_only_when_nothing_else_applies():
     logits = torch.randn(4, 50)
     full, _ = sampler.sample(logits, make_batch([plain] * 4, [[]] * 4, [[]] * 4))
     assert full == logits.argmax(dim=-1).tolist()
+
+
+def test_every_value_validation_allows_samples():
+    """The bounds SamplingParams enforces are ones the sampler can take: the extreme allowed values
+    (a top_k past the vocabulary, seeds at both ends of int64, the penalties' limits) sample a
+    valid token, where a top_k of 2**64 used to overflow inside a step."""
+    torch.manual_seed(5)
+    logits = torch.randn(6, V) * 3
+    params = [SamplingParams(temperature=1.0, top_k=2 ** 31 - 1),
+              SamplingParams(temperature=1.0, seed=2 ** 63 - 1),
+              SamplingParams(temperature=1.0, seed=-(2 ** 63)),
+              SamplingParams(temperature=2.0, repetition_penalty=100.0, presence_penalty=2.0, frequency_penalty=-2.0),
+              SamplingParams(temperature=0.5, repetition_penalty=0.01, min_p=1.0, top_p=1e-9),
+              SamplingParams(temperature=1.0, logit_bias={V - 1: 100.0, 0: -100.0}, logprobs=20)]
+    b = make_batch(params, [[1, 2]] * 6, [[3, 3]] * 6)
+    b.generators = [None, torch.Generator().manual_seed(2 ** 63 - 1), torch.Generator().manual_seed(-(2 ** 63)),
+                    None, None, None]
+    tokens, lps = sampler.sample(logits, b)
+    assert all(0 <= t < V for t in tokens)
+    assert tokens[5] == V - 1 and len(lps[5].top) == 20
