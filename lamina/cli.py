@@ -207,10 +207,16 @@ def cmd_pull(args) -> int:
 def cmd_bench(args) -> int:
     import os
     import runpy
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(here, "bench", "run.py")
-    if not os.path.exists(script):
-        print("lamina bench needs a source checkout (bench/run.py)", file=sys.stderr)
+    # bench/ is not part of the installed package: it is found beside an editable install's source,
+    # or in the lamina checkout the command runs from
+    roots = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.getcwd())
+    script = next((os.path.join(r, "bench", "run.py") for r in roots
+                   if os.path.exists(os.path.join(r, "bench", "run.py"))
+                   and os.path.exists(os.path.join(r, "lamina", "__init__.py"))), None)
+    if script is None:
+        print("lamina bench runs the scripts in bench/ of lamina's source checkout, which an installed package "
+              "does not include. Run it from the checkout (or install with `pip install -e .`); "
+              "there, `python bench/run.py --help` is the same command.", file=sys.stderr)
         return 2
     sys.argv = [script] + args.bench_args
     runpy.run_path(script, run_name="__main__")
