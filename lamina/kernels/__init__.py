@@ -1,13 +1,15 @@
 """Attention and KV-cache ops behind one interface, with three implementations.
 
 `reference` is plain torch: the oracle of every test, and the CPU path where lamina's C++ kernels
-cannot be built. `cpu` is `reference` with decode attention in C++ (the CPU default). `triton_ops`
-holds lamina's Triton kernels, used on CUDA. All three modules export the same four functions:
+cannot be built (`lamina env` says why). `cpu` is `reference` with paged attention, SwiGLU and
+RMSNorm in C++ where they apply (the CPU default). `triton_ops`
+holds lamina's Triton kernels, used on CUDA. All three modules export the same five functions:
 
     store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     paged_attention(q, k_cache, v_cache, attn_metadata, scale) -> out
     rms_norm(x, weight, eps, residual=None) -> out | (out, new_residual)
     rotary_embedding(q, k, positions, cos_sin_cache) -> (q, k)
+    silu_and_mul(x) -> silu(x[..., :I]) * x[..., I:]
 
 `get_backend()` picks one: an explicit name, else $LAMINA_ATTENTION_BACKEND, else triton on
 CUDA, and on CPU cpu (or torch, where the C++ kernels are unavailable).
@@ -56,7 +58,8 @@ def get_backend(name: str | None = None, device: torch.device | str = "cpu") -> 
     if name == "cpu":
         from lamina.kernels import cpu
         if not cpu.load():
-            raise RuntimeError("the cpu attention backend needs lamina's C++ kernels, which could not be built here")
+            raise RuntimeError("the cpu attention backend needs lamina's C++ kernels, which could not be loaded "
+                               f"here: {cpu.load_error()}")
         return cpu
     if name == "triton":
         from lamina.kernels import triton_ops
