@@ -1,5 +1,7 @@
-"""Shared pieces of lamina's benchmark suite: paths, the workload's prompt token ids, running one
-system in a subprocess, statistics, and the bytes of weights a decode step reads.
+"""The harness every bench script shares: paths, the workload's prompt token ids, systems in their
+own processes (one-shot, or loaded once and given tasks round after round), servers launched as
+real processes, interleaved rounds and the statistics of their ratios, a quiet-machine guard, and
+the bytes of weights a decode step reads.
 
 Nothing here imports torch at module level: the orchestrator (bench/run.py) stays light, and every
 system runs in its own subprocess (bench/workers.py) so threads and memory never interfere.
@@ -8,19 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
 OUT_DIR = os.path.join(BENCH_DIR, "out")
 PEERS_DIR = os.path.join(BENCH_DIR, "peers")
 PEERS_BIN = os.path.join(PEERS_DIR, "bin")
-DEFAULT_MODEL = "smollm2-135m-instruct"
+sys.path.insert(0, REPO_DIR)
+from lamina.config import DEFAULT_MODEL  # noqa: E402  (light: no torch)
 
 # First token ids of SmolLM2's vocabulary are special (<|endoftext|>, <|im_start|>, ...): prompts
 # draw ordinary tokens above them.
@@ -36,7 +44,6 @@ def model_dir(model: str = DEFAULT_MODEL) -> str:
     tokenizer.json, source.gguf). Pulls the model the first time."""
     if os.path.isdir(model):
         return os.path.abspath(model)
-    sys.path.insert(0, REPO_DIR)
     from lamina.registry import resolve_model
     return resolve_model(model)
 
@@ -89,6 +96,73 @@ def summarize(runs: list[dict], keys: list[str]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# rounds: every headline number is a median over rounds, every ratio a median of per-round ratios
+#
+# These VMs' speed drifts (up to 2x within minutes). Measuring system A for ten minutes and then B
+# would put that drift into A / B. So each round measures every system once, back to back, and a
+# ratio is taken within each round; the report gives the median of those ratios and their range.
+
+
+def interleave(names: list[str], rounds: int, measure) -> dict[str, list]:
+    """`measure(name, round)` for every name, round by round: A B C, B C A, C A B, ... (the order
+    rotates, so no system always runs first or always follows the same neighbour). Returns each
+    name's results in round order."""
+    out: dict[str, list] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            out[name].append(measure(name, r))
+    return out
+
+
+def spread(values) -> dict | None:
+    """Median, min, max and count of the values that exist (None where none does)."""
+    xs = [x for x in values if x is not None]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def round_ratios(a: list, b: list) -> dict | None:
+    """a[i] / b[i] for every round i where both exist, as spread() plus the ratios themselves."""
+    ratios = [x / y for x, y in zip(a, b) if x is not None and y]
+    s = spread(ratios)
+    if s:
+        s["ratios"] = ratios
+    return s
+
+
+def fmt_spread(s: dict | None, unit: str = "x", digits: int = 2) -> str:
+    """'1.63x (1.55–1.70, 3 rounds)'; a single round shows no range."""
+    if not s:
+        return "–"
+    med = f"{s['median']:.{digits}f}{unit}"
+    if s["n"] < 2:
+        return f"{med} (1 round)"
+    return f"{med} ({s['min']:.{digits}f}–{s['max']:.{digits}f}, {s['n']} rounds)"
+
+
+def median_tree(items: list):
+    """The element-wise median of equally shaped JSON values: numbers become their median, dicts
+    and lists recurse, anything else keeps the first item's value. Summarizes rounds of a nested
+    result (a serving sweep) in the shape of one round."""
+    items = [x for x in items if x is not None]
+    if not items:
+        return None
+    first = items[0]
+    if isinstance(first, bool) or not isinstance(first, (int, float, dict, list)):
+        return first
+    if isinstance(first, (int, float)):
+        m = median([x for x in items if isinstance(x, (int, float))])
+        return int(m) if isinstance(first, int) and float(m).is_integer() else m
+    if isinstance(first, dict):
+        return {k: median_tree([x.get(k) for x in items if isinstance(x, dict)]) for k in first}
+    if all(isinstance(x, list) and len(x) == len(first) for x in items):
+        return [median_tree([x[i] for x in items]) for i in range(len(first))]
+    return first
+
+
 def run_worker(args: list[str], timeout: float | None = None, env: dict | None = None) -> dict:
     """Run `python bench/workers.py ARGS --out FILE` in a fresh process and return the JSON it wrote.
     Its stderr goes straight to ours (progress); a failure returns {"error": ...}."""
@@ -120,6 +194,151 @@ def run_worker(args: list[str], timeout: float | None = None, env: dict | None =
             pass
 
 
+class Worker:
+    """One system loaded once, in a process of its own (`python bench/workers.py loop ARGS`), then
+    given tasks one at a time: round after round on the same loaded model, with no reload between
+    rounds. The protocol is one JSON object per line on the worker's stdin and stdout (the worker
+    sends its own prints to stderr, which is ours). An idle worker blocks on its stdin, using no CPU.
+
+        w = Worker(["--engine", "lamina", "--model-dir", d])   # returns once the model is loaded
+        w.ready          # {"engine", "weight_bytes", "info"} or {"error": ...}
+        w.call("latency", prompt_len=48, gen=256, seeds=[1])
+        w.close()
+    """
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = REPO_DIR + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.update(env or {})
+        self.args = args
+        self.proc = subprocess.Popen([sys.executable, os.path.join(BENCH_DIR, "workers.py"), "loop", *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=full_env, cwd=REPO_DIR,
+                                     text=True, bufsize=1)
+        self.ready = self._read() or {"error": f"worker exited with {self.proc.poll()} while loading"}
+
+    @property
+    def ok(self) -> bool:
+        return "error" not in self.ready
+
+    def _read(self) -> dict | None:
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    def call(self, task: str, **params) -> dict:
+        if not self.ok or self.proc.poll() is not None:
+            return {"error": self.ready.get("error") or f"worker exited with {self.proc.poll()}"}
+        try:
+            self.proc.stdin.write(json.dumps({"task": task, **params}) + "\n")
+            self.proc.stdin.flush()
+        except OSError as e:
+            return {"error": f"worker gone: {e}"}
+        return self._read() or {"error": f"worker exited with {self.proc.wait()} during {task}"}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # end of input: the loop returns
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def protocol_stdout():
+    """For a child process that talks JSON lines on stdout: returns a line-buffered file on the
+    original stdout and points file descriptor 1 at stderr, so nothing else (a library's print, a
+    progress bar) can corrupt the protocol."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    return proto
+
+
+# --------------------------------------------------------------------------------------------
+# servers as real processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cmd: list[str], log_path: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a server (or any long-lived process) in a session of its own, its stdout and stderr
+    into log_path; stop() ends it with every process it started."""
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO_DIR + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    with open(log_path, "w") as logf:
+        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_DIR,
+                                env=full_env, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the process group launch() made, SIGKILL after `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+
+
+def wait_health(port: int, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll GET /health until it answers 200 (True), the process exits or time runs out (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    return False
+
+
+# lamina's log lines about its background compile (lamina/engine/compiled_steps.py): serving starts
+# eagerly at once; full compiled speed comes with the "ready" line.
+COMPILE_STARTED = re.compile(r"compiling .* in the background")
+COMPILE_READY = re.compile(r"compiled steps ready")
+COMPILE_FAILED = re.compile(r"compiling .* failed")
+
+
+def find_in_log(path: str, pattern: re.Pattern, start: int = 0) -> bool:
+    try:
+        with open(path, errors="replace") as f:
+            f.seek(start)
+            return bool(pattern.search(f.read()))
+    except OSError:
+        return False
+
+
+def wait_compiled(log_path: str, proc: subprocess.Popen, timeout: float) -> str:
+    """After a lamina server answered: if its log says it compiles in the background, wait until it
+    says the compiled steps are ready. Returns "ready", "failed", "not compiling" (no background
+    compile: eager, or an older lamina that compiled before serving), "exited" or "timeout"."""
+    if not find_in_log(log_path, COMPILE_STARTED):
+        return "not compiling"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if find_in_log(log_path, COMPILE_READY):
+            return "ready"
+        if find_in_log(log_path, COMPILE_FAILED):
+            return "failed"
+        if proc.poll() is not None:
+            return "exited"
+        time.sleep(0.5)
+    return "timeout"
+
+
 def cpu_busy(interval: float = 1.0) -> float | None:
     """Fraction of the machine's CPU time spent busy over `interval` seconds (/proc/stat), i.e. what
     other processes use while the suite itself sleeps. None where /proc/stat does not exist."""
@@ -139,32 +358,42 @@ def cpu_busy(interval: float = 1.0) -> float | None:
 
 class OthersMeter:
     """How much CPU other processes used while a measurement ran: the machine's busy time
-    (/proc/stat) minus this process's and its waited-for children's CPU time, as a fraction of all
-    CPUs over the wall time.
+    (/proc/stat) minus this process's, its waited-for children's and the given `pids`' CPU time (a
+    server that runs through the measurement), as a fraction of all CPUs over the wall time.
 
-        with OthersMeter() as m:
+        with OthersMeter(pids=[server.pid]) as m:
             subprocess.run(...)
         m.fraction  # 0.0 on a quiet machine
     """
+
+    def __init__(self, pids: list[int] | None = None):
+        self.pids = list(pids or [])
 
     def __enter__(self):
         self.fraction = None
         self._start = self._read()
         return self
 
-    @staticmethod
-    def _read():
+    def _read(self):
         import resource
         try:
             with open("/proc/stat") as f:
                 vals = [int(x) for x in f.readline().split()[1:]]
         except OSError:
             return None
+        tick = os.sysconf("SC_CLK_TCK")
         busy = sum(vals[:8]) - vals[3] - (vals[4] if len(vals) > 4 else 0)
         me = resource.getrusage(resource.RUSAGE_SELF)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         ours = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-        return busy / os.sysconf("SC_CLK_TCK"), ours, time.time()
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ours += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+            except (OSError, IndexError, ValueError):
+                pass
+        return busy / tick, ours, time.time()
 
     def __exit__(self, *exc):
         end = self._read()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.request
 
-from common import OUT_DIR, llama_bin, log, median
+from common import OUT_DIR, free_port, launch, llama_bin, log, median, stop, wait_health
 
 
 def run_llama_bench(gguf: str, threads: int, prompt_lens: list[int], gen: int, reps: int) -> dict:
@@ -39,27 +37,6 @@ def run_llama_bench(gguf: str, threads: int, prompt_lens: list[int], gen: int, r
     return res
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_health(port: int, proc: subprocess.Popen, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    return False
-
-
 class LlamaServer:
     """`llama-server -m GGUF --parallel N -t THREADS -c CTX --port P` on 127.0.0.1, for a `with` block."""
 
@@ -69,7 +46,6 @@ class LlamaServer:
         self.cmd = [llama_bin("llama-server"), "-m", gguf, "--parallel", str(parallel), "-t", str(threads),
                     "-tb", str(threads), "-c", str(ctx), "--host", "127.0.0.1", "--port", str(self.port),
                     "--no-webui"]
-        os.makedirs(OUT_DIR, exist_ok=True)
         self.log_path = os.path.join(OUT_DIR, log_name)
         self.proc: subprocess.Popen | None = None
 
@@ -79,22 +55,15 @@ class LlamaServer:
 
     def __enter__(self):
         log("starting " + self.command)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = launch(self.cmd, self.log_path)
         if not wait_health(self.port, self.proc, timeout=120):
             self.__exit__(None, None, None)
             raise RuntimeError(f"llama-server did not become ready; see {self.log_path}")
         return self
 
     def __exit__(self, *exc):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        if self.proc:
+            stop(self.proc, timeout=20)
 
 
 def completion(port: int, prompt: list[int], max_tokens: int, timeout: float = 1800) -> dict:

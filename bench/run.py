@@ -15,6 +15,9 @@ Sections
             tokens each, all at once, vs one at a time, transformers batched, llama-server (bench/offline.py)
   serve     `lamina serve` vs `llama-server --parallel 32`, both driven by bench/serve.py over a
             concurrency sweep (1, 4, 16, 32, 64): TTFT / ITL p50-p99, output tok/s
+  first-answer  seconds from launching `lamina serve` (empty and filled Inductor cache), `LLM(...)` in
+            a fresh python, and `llama-server` to their first answer, and to lamina's full compiled
+            speed (bench/first_answer.py)
 
 Systems (--systems; those not installed are skipped and say so)
   lamina         lamina's library API as configured by default (--lamina-dtype auto, compiled decode)
@@ -25,8 +28,12 @@ Systems (--systems; those not installed are skipped and say so)
                  (bash bench/build_llamacpp.sh), else the llama_cpp Python bindings
   llamacpp-py    the llama_cpp Python bindings, always
 
-Every system runs in its own subprocess, on the same prompt token ids; numbers are the median of
---runs runs (default 3). Results: bench/out/bench-<time>.json and .md (and latest.json / latest.md).
+Every system runs in its own subprocess, on the same prompt token ids. Each system is loaded once
+per section; then --rounds rounds (default 3) measure every system back to back, the order
+rotating each round, so the host's drift in speed (these VMs drift up to 2x within minutes) hits
+all systems alike. Numbers are medians over rounds with their min–max; a ratio is the median of the
+per-round ratios with their min–max. Results: bench/out/bench-<time>.json and .md (and
+latest.json / latest.md).
 """
 from __future__ import annotations
 
@@ -41,10 +48,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import (BENCH_DIR, OUT_DIR, REPO_DIR, OthersMeter, fmt, gguf_path, have_module, llama_bin,  # noqa: E402
-                    llamacpp_build_info, log, model_dir, run_worker, wait_for_idle, weight_bytes_gguf)
+from common import (BENCH_DIR, OUT_DIR, REPO_DIR, OthersMeter, Worker, fmt, fmt_spread, free_port,  # noqa: E402
+                    gguf_path, have_module, interleave, launch, llama_bin, llamacpp_build_info, log, median_tree,
+                    model_dir, round_ratios, run_worker, spread, stop, wait_compiled, wait_for_idle, wait_health,
+                    weight_bytes_gguf)
 
-SECTIONS = ("decode", "prefill", "offline", "serve")
+SECTIONS = ("decode", "prefill", "offline", "serve", "first-answer")
 DEFAULT_SYSTEMS = "lamina,hf-bf16,hf-fp32,llamacpp"
 QUICK_SYSTEMS = "lamina,hf-bf16,llamacpp"
 ALL_SYSTEMS = ("lamina", "lamina-bf16", "lamina-fp32", "lamina-int8", "lamina-int4", "lamina-eager", "hf-bf16", "hf-fp32",
@@ -156,11 +165,14 @@ def worker_command(task: str, name: str, args, extra: list[str]) -> str:
 
 
 def section_latency(systems: list[str], sections: list[str], args, hf_dir: str, results: dict) -> None:
-    """decode and prefill: one fresh process per system and section (llama-bench: one call for both)."""
+    """decode and prefill: each system loaded once (llama-bench: one call per round and section),
+    then every round measures every system, order rotating."""
     q = args.quick
     dec = {"prompt_len": 48, "gen": 32 if q else 256}
-    pre = {"prompt_len": 128 if q else 512}
-    runs = 1 if q else args.runs
+    pre = {"prompt_len": 128 if q else 512, "runs": 1 if q else 3}  # prefill: the median of 3 in each round
+    rounds = args.rounds
+    workers: dict[str, Worker] = {}
+    names = []
     for name in systems:
         ok, why = available(name, hf_dir)
         if not ok:
@@ -168,52 +180,102 @@ def section_latency(systems: list[str], sections: list[str], args, hf_dir: str, 
             for s in sections:
                 results[s][name] = {"skipped": why}
             continue
-        if name == "llamacpp" and llama_bin("llama-bench"):
-            from llamacpp import run_llama_bench
-            pls = ([dec["prompt_len"]] if "decode" in sections else []) + \
-                  ([pre["prompt_len"]] if "prefill" in sections else [])
-            gen = dec["gen"] if "decode" in sections else 0
-            quiet = wait_for_idle(name)
-            with OthersMeter() as meter:
-                r = run_llama_bench(gguf_path(hf_dir), args.threads, pls, gen, runs)
-            quiet["others_cpu_during"] = meter.fraction
-            if "error" in r:
+        if name != "llamacpp" or not llama_bin("llama-bench"):
+            wname = "llamacpp-py" if name == "llamacpp" else name
+            log(f"loading {name}")
+            w = Worker(system_args(wname, args) + ["--model-dir", hf_dir, "--threads", str(args.threads), "--name", name])
+            if not w.ok:
+                w.close()
                 for s in sections:
-                    results[s][name] = {"error": r["error"]}
+                    results[s][name] = {"error": w.ready["error"]}
                 continue
-            wb = weight_bytes_gguf(gguf_path(hf_dir))
-            t = r["tests"]
-            shared = {"engine": "llama-bench", "weight_bytes": wb, "command": r["command"], **quiet,
-                      "info": {k: r.get(k) for k in ("build_commit", "build_number", "model_type", "model_size",
-                                                     "n_threads")}}
-            if "decode" in sections:
-                pp = t.get(f"pp{dec['prompt_len']}", {}).get("median_ts")
-                results["decode"][name] = dict(
-                    shared, decode_tps=t.get(f"tg{dec['gen']}", {}).get("median_ts"),
-                    ttft_s=dec["prompt_len"] / pp if pp else None,
-                    note=f"TTFT = {dec['prompt_len']} / pp{dec['prompt_len']} tok/s (prompt processing "
-                         f"time, no sampling); decode = tg{dec['gen']} (from an empty context)",
-                    samples={k: v["samples_ts"] for k, v in t.items()})
-            if "prefill" in sections:
-                pp = t.get(f"pp{pre['prompt_len']}", {}).get("median_ts")
-                results["prefill"][name] = dict(shared, prefill_tps=pp, ttft_s=pre["prompt_len"] / pp if pp else None,
-                                                samples={k: v["samples_ts"] for k, v in t.items()})
-            continue
-        wname = "llamacpp-py" if name == "llamacpp" else name
-        base = system_args(wname, args) + ["--model-dir", hf_dir, "--threads", str(args.threads), "--name", name]
+            workers[name] = w
+        names.append(name)
+    gguf = gguf_path(hf_dir)
+
+    def llama_bench(section: str) -> dict:
+        from llamacpp import run_llama_bench
+        if section == "decode":
+            r = run_llama_bench(gguf, args.threads, [dec["prompt_len"]], dec["gen"], 1)
+            pp = r.get("tests", {}).get(f"pp{dec['prompt_len']}", {}).get("median_ts")
+            return {"error": r["error"]} if "error" in r else {
+                "decode_tps": r["tests"].get(f"tg{dec['gen']}", {}).get("median_ts"),
+                "ttft_s": dec["prompt_len"] / pp if pp else None, "samples": r["tests"], "command": r["command"],
+                "info": {k: r.get(k) for k in ("build_commit", "build_number", "model_type", "model_size", "n_threads")}}
+        r = run_llama_bench(gguf, args.threads, [pre["prompt_len"]], 0, pre["runs"])
+        pp = r.get("tests", {}).get(f"pp{pre['prompt_len']}", {}).get("median_ts")
+        return {"error": r["error"]} if "error" in r else {
+            "prefill_tps": pp, "ttft_s": pre["prompt_len"] / pp if pp else None, "samples": r["tests"],
+            "command": r["command"]}
+
+    def measure(name: str, r: int) -> dict:
+        out = {}
         for s in sections:
-            p = dec if s == "decode" else pre
-            extra = ["--prompt-len", str(p["prompt_len"]), "--runs", str(runs)]
-            if s == "decode":
-                extra += ["--gen", str(p["gen"])]
-            quiet = wait_for_idle(f"{s} {name}")
-            r = run_worker([s, *base, *extra])
-            r.update(quiet)
-            r["command"] = worker_command(s, wname, args, ["--model-dir", hf_dir, "--threads", str(args.threads),
-                                                           *extra])
+            quiet = wait_for_idle(f"{s} {name} round {r + 1}/{rounds}")
+            if name in workers:
+                if s == "decode":
+                    res = workers[name].call("decode", prompt_len=dec["prompt_len"], gen=dec["gen"], seeds=[1 + r],
+                                             warmup_seed=1000 + r, warmup_tokens=8)
+                else:
+                    res = workers[name].call("prefill", prompt_len=pre["prompt_len"], warmup_seed=1000 + r,
+                                             seeds=[1 + r * pre["runs"] + i for i in range(pre["runs"])])
+            else:
+                with OthersMeter() as meter:
+                    res = llama_bench(s)
+                res["others_cpu_during"] = meter.fraction
+            res.update(quiet)
+            if "error" in res:
+                log(f"{s} {name} round {r + 1}: {res['error']}")
+            out[s] = res
+        return out
+
+    try:
+        per_round = interleave(names, rounds, measure)
+    finally:
+        for w in workers.values():
+            w.close()
+
+    keys = {"decode": ("decode_tps", "ttft_s"), "prefill": ("prefill_tps", "ttft_s")}
+    for s in sections:
+        for name in names:
+            runs = [x[s] for x in per_round[name]]
+            ok = [x for x in runs if "error" not in x]
+            if not ok:
+                results[s][name] = {"error": runs[0]["error"] if runs else "no rounds", "rounds": runs}
+                continue
+            r = {k: median_tree([x.get(k) for x in ok]) for k in keys[s]}
+            r["spread"] = {k: spread([x.get(k) for x in ok]) for k in keys[s]}
+            r["cpu_busy_before"] = max(x.get("cpu_busy_before") or 0 for x in ok)
+            r["others_cpu_during"] = max(x.get("others_cpu_during") or 0 for x in ok)
+            r["rounds"] = runs
+            if name in workers:
+                ready = workers[name].ready
+                r.update(engine=ready.get("engine"), weight_bytes=ready.get("weight_bytes"), info=ready.get("info"))
+                wname = "llamacpp-py" if name == "llamacpp" else name
+                p = dec if s == "decode" else pre
+                extra = ["--prompt-len", str(p["prompt_len"]),
+                         *(["--gen", str(p["gen"])] if s == "decode" else []), "--runs", str(rounds)]
+                r["command"] = worker_command(s, wname, args, ["--model-dir", hf_dir, "--threads", str(args.threads),
+                                                               *extra]) + "  (one process; the suite interleaves rounds)"
+                r["first_tokens"] = next((x["runs"][0].get("first_tokens") for x in ok if x.get("runs")), None)
+            else:
+                r.update(engine="llama-bench", weight_bytes=weight_bytes_gguf(gguf), command=ok[0]["command"],
+                         info=ok[0].get("info"))
+                if s == "decode":
+                    r["note"] = (f"TTFT = {dec['prompt_len']} / pp{dec['prompt_len']} tok/s (prompt processing time, "
+                                 f"no sampling); decode = tg{dec['gen']} (from an empty context)")
             results[s][name] = r
-            if "error" in r:
-                log(f"{s} {name}: {r['error']}")
+
+    # ratios: every lamina system against every peer, per round, on the section's headline number
+    for s in sections:
+        key = keys[s][0]
+        ratios = {}
+        for a in [n for n in names if n.startswith("lamina")]:
+            for b in [n for n in names if not n.startswith("lamina")]:
+                rr = round_ratios([x[s].get(key) for x in per_round[a]], [x[s].get(key) for x in per_round[b]])
+                if rr:
+                    ratios[f"{a} / {b}"] = rr
+        results.setdefault("ratios", {})[s] = ratios
 
 
 def derive_latency(results: dict, machine: dict, hf_dir: str) -> None:
@@ -262,11 +324,13 @@ def section_offline(systems: list[str], args, results: dict) -> None:
         off_systems.append("llamacpp-server")
     hf_dtype = "bfloat16" if "hf-bf16" in hf or not hf else "float32"
     results["offline"] = run_offline(args.model, off_systems, cfg, lamina_dtype=args.lamina_dtype, hf_dtype=hf_dtype,
-                                     threads=args.threads)
+                                     threads=args.threads, rounds=args.rounds)
 
 
 def section_serve(systems: list[str], args, hf_dir: str, results: dict) -> None:
-    from llamacpp import LlamaServer, free_port, wait_health
+    """`lamina serve` and `llama-server` started once each, then every round sweeps both with
+    bench/serve.py, order rotating; round r's requests use prompt seed r on both servers."""
+    from llamacpp import LlamaServer
     q = args.quick
     levels = "1,4" if q else args.serve_levels
     max_tokens = 16 if q else args.serve_max_tokens
@@ -276,74 +340,105 @@ def section_serve(systems: list[str], args, hf_dir: str, results: dict) -> None:
         load_args += ["--num-requests", "4"]
     else:
         load_args += ["--requests-per-client", str(args.serve_requests_per_client), "--min-requests", "8"]
+    rounds = args.rounds
     serve: dict = {"levels": levels, "max_tokens": max_tokens, "prompt_words": args.serve_prompt_words,
-                   "systems": {}}
+                   "rounds": rounds, "systems": {}}
     results["serve"] = serve
     os.makedirs(OUT_DIR, exist_ok=True)
 
-    def drive(name: str, base_url: str) -> dict:
-        out = os.path.join(OUT_DIR, f"serve-{name}.json")
+    def drive(name: str, base_url: str, r: int) -> dict:
+        out = os.path.join(OUT_DIR, f"serve-{name}-{r}.json")
         if os.path.exists(out):
             os.unlink(out)  # never report an earlier run's file
-        cmd = [sys.executable, os.path.join(BENCH_DIR, "serve.py"), "--base-url", base_url, *load_args, "--out", out]
+        cmd = [sys.executable, os.path.join(BENCH_DIR, "serve.py"), "--base-url", base_url, *load_args,
+               "--seed", str(r), "--out", out]
         log("running " + " ".join(cmd))
         proc = subprocess.run(cmd, cwd=REPO_DIR)
         if not os.path.exists(out):
             return {"error": f"bench/serve.py exited {proc.returncode} without results"}
         with open(out) as f:
-            r = json.load(f)
-        r["load_command"] = "python bench/serve.py " + " ".join(cmd[2:])
+            res = json.load(f)
+        res["load_command"] = "python bench/serve.py " + " ".join(cmd[2:])
         if proc.returncode != 0:
-            r["warning"] = f"bench/serve.py exited {proc.returncode} (some requests failed)"
-        return r
+            res["warning"] = f"bench/serve.py exited {proc.returncode} (some requests failed)"
+        return res
 
-    # lamina
-    quiet = wait_for_idle("serve lamina")
-    meter = OthersMeter().__enter__()
-    port = free_port()
-    kv = str(args.serve_kv_cache_memory)
-    cmd = [sys.executable, "-m", "lamina", "serve", "--model", args.model, "--port", str(port), "--dtype",
-           args.lamina_dtype, "--num-threads", str(args.threads), "--kv-cache-memory", kv, "--no-access-log"]
-    log("starting " + " ".join(cmd))
-    log_path = os.path.join(OUT_DIR, "lamina-serve.log")
-    with open(log_path, "w") as logf:
-        env = dict(os.environ, PYTHONPATH=REPO_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO_DIR, env=env)
-        try:
-            if wait_health(port, proc, timeout=300):
-                r = drive("lamina", f"http://127.0.0.1:{port}/v1")
+    servers: dict = {}  # name -> (base url, pid, server command)
+    lamina_proc = llama = None
+    try:
+        port = free_port()
+        cmd = [sys.executable, "-m", "lamina", "serve", "--model", args.model, "--port", str(port), "--dtype",
+               args.lamina_dtype, "--num-threads", str(args.threads), "--kv-cache-memory",
+               str(args.serve_kv_cache_memory), "--no-access-log"]
+        log("starting " + " ".join(cmd))
+        log_path = os.path.join(OUT_DIR, "lamina-serve.log")
+        lamina_proc = launch(cmd, log_path)
+        if wait_health(port, lamina_proc, timeout=900):
+            # never measure beside lamina's background compile, nor measure its eager steps
+            state = wait_compiled(log_path, lamina_proc, timeout=3600)
+            log(f"lamina serve is up (background compile: {state})")
+            servers["lamina"] = (f"http://127.0.0.1:{port}/v1", lamina_proc.pid, "lamina serve " + " ".join(cmd[4:]))
+            serve["lamina_compile"] = state
+        else:
+            serve["systems"]["lamina"] = {"error": f"lamina serve did not become ready; see {log_path}"}
+        if any(s.startswith("llamacpp") for s in systems):
+            gguf = gguf_path(hf_dir)
+            if not llama_bin("llama-server") or not gguf:
+                serve["systems"]["llamacpp-server"] = {"skipped": "llama-server not built (bash bench/build_llamacpp.sh)"}
             else:
-                r = {"error": f"lamina serve did not become ready; see {log_path}"}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    r["server_command"] = "lamina serve " + " ".join(cmd[4:])
-    meter.__exit__(None, None, None)
-    r.update(quiet, others_cpu_during=meter.fraction)
-    serve["systems"]["lamina"] = r
+                llama = LlamaServer(gguf, parallel=args.serve_parallel, threads=args.threads,
+                                    ctx=args.serve_parallel * args.serve_ctx_per_slot, log_name="llama-server-serve.log")
+                try:
+                    llama.__enter__()
+                    servers["llamacpp-server"] = (f"http://127.0.0.1:{llama.port}/v1", llama.proc.pid, llama.command)
+                except RuntimeError as e:
+                    serve["systems"]["llamacpp-server"] = {"error": str(e)}
+                    llama = None
 
-    # llama.cpp
-    if any(s.startswith("llamacpp") for s in systems):
-        gguf = gguf_path(hf_dir)
-        if not llama_bin("llama-server") or not gguf:
-            serve["systems"]["llamacpp-server"] = {"skipped": "llama-server not built (bash bench/build_llamacpp.sh)"}
-            return
-        parallel = args.serve_parallel
-        ctx = parallel * args.serve_ctx_per_slot
-        quiet = wait_for_idle("serve llamacpp-server")
-        try:
-            with OthersMeter() as meter, LlamaServer(gguf, parallel=parallel, threads=args.threads, ctx=ctx,
-                                                     log_name="llama-server-serve.log") as srv:
-                r = drive("llamacpp-server", f"http://127.0.0.1:{srv.port}/v1")
-                r["server_command"] = srv.command
-        except RuntimeError as e:
-            r = {"error": str(e)}
-        r.update(quiet, others_cpu_during=meter.fraction)
-        serve["systems"]["llamacpp-server"] = r
+        def measure(name: str, r: int) -> dict:
+            url, pid, _ = servers[name]
+            quiet = wait_for_idle(f"serve {name} round {r + 1}/{rounds}")
+            with OthersMeter(pids=[pid]) as meter:
+                res = drive(name, url, r)
+            res.update(quiet, others_cpu_during=meter.fraction, round=r)
+            return res
+
+        per_round = interleave(list(servers), rounds, measure)
+    finally:
+        if lamina_proc:
+            stop(lamina_proc, timeout=60)
+        if llama:
+            llama.__exit__(None, None, None)
+
+    for name, runs in per_round.items():
+        ok = [x for x in runs if "levels" in x]
+        if not ok:
+            serve["systems"][name] = {"error": runs[0].get("error", "no results") if runs else "no rounds", "rounds": runs}
+            continue
+        serve["systems"][name] = {
+            "levels": median_tree([x["levels"] for x in ok]),  # element-wise medians over rounds
+            "server_command": servers[name][2], "load_command": ok[0].get("load_command"),
+            "cpu_busy_before": max(x.get("cpu_busy_before") or 0 for x in ok),
+            "others_cpu_during": max(x.get("others_cpu_during") or 0 for x in ok), "rounds": runs}
+    a, b = per_round.get("lamina"), per_round.get("llamacpp-server")
+    serve["ratios"] = {}
+    if a and b:
+        def at(runs, c, key):
+            out = []
+            for x in runs:
+                lv = next((lv for lv in x.get("levels", []) if lv["concurrency"] == c), None)
+                out.append(None if lv is None else (lv[key] if key == "output_tokens_per_s" else lv[key]["p50"]))
+            return out
+        for c in [int(x) for x in levels.split(",")]:
+            serve["ratios"][str(c)] = {
+                "output_tokens_per_s": round_ratios(at(a, c, "output_tokens_per_s"), at(b, c, "output_tokens_per_s")),
+                "ttft_p50": round_ratios(at(a, c, "ttft_s"), at(b, c, "ttft_s")),
+                "itl_p50": round_ratios(at(a, c, "itl_s"), at(b, c, "itl_s"))}
+
+
+def section_first_answer(args, results: dict) -> None:
+    from first_answer import SYSTEMS, run_first_answer
+    results["first-answer"] = run_first_answer(args.model, list(SYSTEMS), rounds=args.rounds, full_speed=not args.quick)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,14 +449,6 @@ def busy(r: dict) -> str:
     """A mark for numbers measured while other processes kept the CPUs busy."""
     b = max(r.get("cpu_busy_before") or 0, r.get("others_cpu_during") or 0)
     return f" ⚠{b:.0%}" if b > common.BUSY_THRESHOLD else ""
-
-
-def ratio(a, b):
-    return a / b if a and b else None
-
-
-def ttft_ms(r: dict) -> str:
-    return fmt(r["ttft_s"] * 1000 if r.get("ttft_s") else None)
 
 
 def system_rows(results: dict, cells) -> list[str]:
@@ -397,55 +484,58 @@ def markdown(res: dict) -> str:
                   f"| {fmt(m.get('read_gbps'))} | {fmt(m.get('copy_gbps'))} | {fmt(m.get('read_gbps_1thread_numpy'))} | "
                   f"{fmt(m.get('matmul_fp32_gflops'))} | {fmt(m.get('matmul_bf16_gflops'))} |", "",
                   f"({m.get('read_method')}; {m.get('matmul_method')})", ""]
-    lamina_names = [n for n in res.get("systems", []) if n.startswith("lamina")]
+    def with_range(r: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
+        """'91.2 (88.0–93.5)': the median over rounds and its range."""
+        sp = (r.get("spread") or {}).get(key)
+        if not sp or sp["n"] < 2:
+            return fmt(r[key] * scale if r.get(key) else None, digits)
+        return f"{fmt(sp['median'] * scale, digits)} ({fmt(sp['min'] * scale, digits)}–{fmt(sp['max'] * scale, digits)})"
 
-    def ratio_cols(section: str, key: str, higher_is_better: bool = True) -> list[str]:
-        """'lamina / peer' for the first lamina system and each peer."""
-        sec = res.get(section, {})
-        out = []
-        if not lamina_names or lamina_names[0] not in sec:
-            return out
-        base = sec[lamina_names[0]].get(key)
-        for name, r in sec.items():
-            if name.startswith("lamina") or not r.get(key):
-                continue
-            v = ratio(base, r[key])
-            out.append(f"{lamina_names[0]} / {name}: **{v:.2f}x**" if v else f"{lamina_names[0]} / {name}: –")
+    def ratio_table(section: str, what: str) -> list[str]:
+        """lamina systems (rows) against each peer (columns): median of the per-round ratios (min–max)."""
+        ratios = (res.get("ratios") or {}).get(section) or {}
+        if not ratios:
+            return []
+        rows = sorted({k.split(" / ")[0] for k in ratios}, key=list(res.get("systems", [])).index)
+        cols = sorted({k.split(" / ")[1] for k in ratios}, key=list(res.get("systems", [])).index)
+        out = ["", f"{what}, lamina / peer: the median of the {rounds} per-round ratios (min–max)", "",
+               "| | " + " | ".join(f"/ {c}" for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+        for a in rows:
+            out.append(f"| {a} | " + " | ".join(fmt_spread(ratios.get(f"{a} / {b}")) for b in cols) + " |")
         return out
 
+    rounds = res["config"].get("rounds", 1)
     if res.get("decode"):
         d = res["decode"]
         cfg = res["config"]["decode"]
-        lines += [f"## Decode (single stream: {cfg['prompt_len']}-token prompt, {cfg['gen']} new tokens, "
-                  f"median of {cfg['runs']})", "",
+        lines += [f"## Decode (single stream: {cfg['prompt_len']}-token prompt, {cfg['gen']} new tokens; median of "
+                  f"{rounds} interleaved rounds, min–max)", "",
                   "| system | TTFT (ms) | decode tok/s | weights read / token (MB) | achieved GB/s | % of bandwidth "
                   "| roofline tok/s |", "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += system_rows(d, lambda r: [ttft_ms(r), fmt(r.get("decode_tps")), fmt((r.get("weight_bytes") or 0) / 1e6),
+        lines += system_rows(d, lambda r: [with_range(r, "ttft_s", 1000), with_range(r, "decode_tps"),
+                                           fmt((r.get("weight_bytes") or 0) / 1e6),
                                            fmt(r.get("achieved_gbps"), 2), fmt(r.get("pct_of_bandwidth")),
                                            fmt(r.get("roofline_tps"))])
-        ref = next((n for n in ("hf-fp32", "hf-bf16") if (d.get(n, {}).get("runs") or [{}])[0].get("first_tokens")),
-                   None)
+        ref = next((n for n in ("hf-fp32", "hf-bf16") if d.get(n, {}).get("first_tokens")), None)
         agree = []
         for name, r in d.items():
-            toks = (r.get("runs") or [{}])[0].get("first_tokens")
+            toks = r.get("first_tokens")
             if ref and toks and name != ref:
-                same = sum(a == b for a, b in zip(toks, d[ref]["runs"][0]["first_tokens"]))
+                same = sum(a == b for a, b in zip(toks, d[ref]["first_tokens"]))
                 agree.append(f"{name} {same}/{len(toks)}")
         if agree:
-            lines += ["", f"Greedy tokens of run 1 equal to {ref}'s (first 16): " + ", ".join(agree) + "."]
-        if ratio_cols("decode", "decode_tps"):
-            lines += ["", "Decode tok/s ratios: " + "; ".join(ratio_cols("decode", "decode_tps")) + "  ",
-                      "TTFT ratios (lower is better for lamina): " + "; ".join(ratio_cols("decode", "ttft_s"))]
+            lines += ["", f"Greedy tokens of round 1 equal to {ref}'s (first 16): " + ", ".join(agree) + "."]
+        lines += ratio_table("decode", "Decode tok/s")
         lines.append("")
     if res.get("prefill"):
         p = res["prefill"]
         cfg = res["config"]["prefill"]
-        lines += [f"## Prefill ({cfg['prompt_len']}-token prompt, 1 new token, median of {cfg['runs']})", "",
+        lines += [f"## Prefill ({cfg['prompt_len']}-token prompt, 1 new token; per round the median of "
+                  f"{cfg['runs_per_round']}; median of {rounds} interleaved rounds, min–max)", "",
                   "| system | TTFT (ms) | prefill tok/s | GFLOP/s | % of matmul peak |", "|---|---:|---:|---:|---:|"]
-        lines += system_rows(p, lambda r: [ttft_ms(r), fmt(r.get("prefill_tps")), fmt(r.get("gflops")),
-                                           fmt(r.get("pct_of_matmul_peak"))])
-        if ratio_cols("prefill", "prefill_tps"):
-            lines += ["", "Prefill tok/s ratios: " + "; ".join(ratio_cols("prefill", "prefill_tps"))]
+        lines += system_rows(p, lambda r: [with_range(r, "ttft_s", 1000), with_range(r, "prefill_tps"),
+                                           fmt(r.get("gflops")), fmt(r.get("pct_of_matmul_peak"))])
+        lines += ratio_table("prefill", "Prefill tok/s")
         lines.append("")
     if res.get("offline"):
         from offline import markdown as offline_md
@@ -453,11 +543,11 @@ def markdown(res: dict) -> str:
     if res.get("serve"):
         s = res["serve"]
         lines += [f"## Serving sweep (bench/serve.py, /v1/completions streaming, ~{s['prompt_words']}-word prompts, "
-                  f"{s['max_tokens']} tokens each, EOS ignored)", "",
+                  f"{s['max_tokens']} tokens each, EOS ignored; element-wise medians of {s.get('rounds', 1)} "
+                  "interleaved rounds)", "",
                   "| system | concurrency | ok/requests | output tok/s | TTFT p50 / p95 / p99 (ms) | "
                   "ITL p50 / p95 / p99 (ms) | GET /health p50 / max (ms) | prompt tokens |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        by_level: dict = {}
         for name, r in s["systems"].items():
             if "levels" not in r:
                 lines.append(f"| {name} | {r.get('skipped') or r.get('error')} | | | | | | |")
@@ -468,22 +558,20 @@ def markdown(res: dict) -> str:
 
                 def ms(x):
                     return fmt(x * 1000 if x is not None else None)
-                lines.append(f"| {name}{busy(r)} | {lv['concurrency']} | {lv['completed']}/{lv['requests']} | "
+                lines.append(f"| {name}{busy(r)} | {lv['concurrency']} | {fmt(lv['completed'])}/{fmt(lv['requests'])} | "
                              f"{fmt(lv['output_tokens_per_s'])} | {ms(t['p50'])} / {ms(t['p95'])} / {ms(t['p99'])} | "
                              f"{ms(i['p50'])} / {ms(i['p95'])} / {ms(i['p99'])} | {ms(h.get('p50'))} / {ms(h.get('max'))} | "
                              f"{fmt(lv.get('mean_prompt_tokens'))} |")
-                by_level.setdefault(lv["concurrency"], {})[name] = lv
-        rows = []
-        for c, lv in sorted(by_level.items()):
-            a, b = lv.get("lamina"), lv.get("llamacpp-server")
-            if a and b:
-                rows.append(f"| {c} | {fmt(ratio(a['output_tokens_per_s'], b['output_tokens_per_s']), 2)}x | "
-                            f"{fmt(ratio(a['ttft_s']['p50'], b['ttft_s']['p50']), 2)}x | "
-                            f"{fmt(ratio(a['itl_s']['p50'], b['itl_s']['p50']), 2)}x |")
-        if rows:
-            lines += ["", "| concurrency | output tok/s lamina / llama.cpp | TTFT p50 lamina / llama.cpp | "
-                          "ITL p50 lamina / llama.cpp |", "|---:|---:|---:|---:|", *rows]
+        if s.get("ratios"):
+            lines += ["", "lamina / llama-server, the median of the per-round ratios (min–max):", "",
+                      "| concurrency | output tok/s | TTFT p50 | ITL p50 |", "|---:|---:|---:|---:|"]
+            for c, rr in s["ratios"].items():
+                lines.append(f"| {c} | {fmt_spread(rr['output_tokens_per_s'])} | {fmt_spread(rr['ttft_p50'])} | "
+                             f"{fmt_spread(rr['itl_p50'])} |")
         lines.append("")
+    if res.get("first-answer"):
+        from first_answer import markdown as first_answer_md
+        lines += ["## Time to first answer (bench/first_answer.py)", "", first_answer_md(res["first-answer"]), ""]
     lines += ["## Commands behind the numbers", ""]
     for section in ("decode", "prefill"):
         for name, r in res.get(section, {}).items():
@@ -494,7 +582,10 @@ def markdown(res: dict) -> str:
             lines.append(f"- offline / {name}: `{r['command']}`")
     for name, r in res.get("serve", {}).get("systems", {}).items():
         if r.get("server_command"):
-            lines.append(f"- serve / {name}: `{r['server_command']}` driven by `{r.get('load_command', '')}`")
+            lines.append(f"- serve / {name}: `{r['server_command']}` driven by `{r.get('load_command', '')}` "
+                         f"(--seed = the round)")
+    for name, cmd in res.get("first-answer", {}).get("commands", {}).items():
+        lines.append(f"- first-answer / {name}: `{cmd}`")
     return "\n".join(lines) + "\n"
 
 
@@ -506,10 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=None,
                     help=f"comma-separated, from {', '.join(ALL_SYSTEMS)} (default: {DEFAULT_SYSTEMS}; "
                          f"--quick: {QUICK_SYSTEMS})")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=common.DEFAULT_MODEL)
     ap.add_argument("--lamina-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every system (default: all)")
-    ap.add_argument("--runs", type=int, default=3, help="runs per latency number; the median is reported")
+    ap.add_argument("--rounds", "--runs", type=int, default=None, dest="rounds",
+                    help="interleaved rounds of every section (default 3, --quick 1): every system is measured "
+                         "once per round, the order rotating; numbers are medians over rounds, ratios medians of "
+                         "per-round ratios, each with its min–max")
     ap.add_argument("--no-machine", action="store_true", help="skip the bandwidth / matmul measurement")
     ap.add_argument("--wait-idle", type=float, default=120.0,
                     help="before each measurement, wait up to this many seconds for other processes to leave "
@@ -540,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         if s not in ALL_SYSTEMS:
             ap.error(f"unknown system {s!r}; choose from {', '.join(ALL_SYSTEMS)}")
 
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+
     t_start = time.time()
     hf_dir = model_dir(args.model)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -547,10 +644,10 @@ def main(argv: list[str] | None = None) -> int:
                           "model": args.model, "model_dir": hf_dir, "threads": args.threads,
                           "machine": machine_description(), "versions": versions(), "load_at_start": load()},
                  "systems": systems, "sections": sections,
-                 "config": {"decode": {"prompt_len": 48, "gen": 32 if args.quick else 256,
-                                       "runs": 1 if args.quick else args.runs},
-                            "prefill": {"prompt_len": 128 if args.quick else 512, "runs": 1 if args.quick else args.runs},
-                            "quick": args.quick}}
+                 "config": {"decode": {"prompt_len": 48, "gen": 32 if args.quick else 256},
+                            "prefill": {"prompt_len": 128 if args.quick else 512,
+                                        "runs_per_round": 1 if args.quick else 3},
+                            "rounds": args.rounds, "quick": args.quick}}
     log(f"sections {','.join(sections)}; systems {','.join(systems)}; model dir {hf_dir}")
 
     if not args.no_machine:
@@ -594,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         guarded("offline", section_offline, systems, args, res)
     if "serve" in sections:
         guarded("serve", section_serve, systems, args, hf_dir, res)
+    if "first-answer" in sections:
+        guarded("first-answer", section_first_answer, args, res)
     res["meta"]["load_at_end"] = load()
     md = save()
     print(md)

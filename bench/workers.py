@@ -1,9 +1,11 @@
-"""One system, one task, one fresh process: what bench/run.py and bench/offline.py spawn.
+"""One system in one fresh process: what bench/run.py and bench/offline.py spawn.
 
     python bench/workers.py machine --out m.json                      # memory bandwidth, matmul peaks
     python bench/workers.py decode  --engine lamina --dtype bfloat16 --out d.json
     python bench/workers.py prefill --engine hf --dtype float32 --out p.json
     python bench/workers.py offline --engine lamina --prompts prompts.json --out o.json
+    python bench/workers.py loop    --engine lamina ...   # load once, then tasks as JSON lines on stdin
+                                                          # (common.Worker: the suite's interleaved rounds)
 
 Engines: `lamina` (its library API: LLM / SamplingParams), `hf` (transformers
 AutoModelForCausalLM, SDPA attention, greedy generate), `llamacpp-py` (the llama_cpp Python
@@ -26,8 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import (log, median, random_prompt, summarize, vocab_size,  # noqa: E402
-                    weight_bytes_gguf, weight_bytes_torch)
+from common import (OthersMeter, log, median, protocol_stdout, random_prompt, summarize,  # noqa: E402
+                    vocab_size, weight_bytes_gguf, weight_bytes_torch)
 
 GIB = 1 << 30
 
@@ -142,10 +144,13 @@ class Lamina(System):
         self.llm = LLM(model, dtype=dtype, quantization=quantization, enforce_eager=True if eager else None,
                        num_threads=threads, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, **step_budget)
         runner = self.llm.engine.runner
+        load_s = time.time() - t0
+        compiled = wait_full_speed(runner)
         self.weight_bytes = weight_bytes_torch(runner.model)
         import torch
-        self.info = {"load_s": round(time.time() - t0, 2), "dtype": str(runner.dtype).replace("torch.", ""),
-                     "quantization": quantization, "compiled": runner.compiled_forward is not None, "torch_threads": torch.get_num_threads(),
+        self.info = {"load_s": round(load_s, 2), "full_speed_s": round(time.time() - t0, 2),
+                     "dtype": str(runner.dtype).replace("torch.", ""),
+                     "quantization": quantization, "compiled": compiled, "torch_threads": torch.get_num_threads(),
                      "kv_cache_memory": kv_cache_memory,
                      "max_num_batched_tokens": self.llm.engine.config.max_num_batched_tokens,
                      "max_num_seqs": max_num_seqs}
@@ -165,11 +170,43 @@ class Lamina(System):
 
     def generate_batch(self, prompts, max_tokens, batch_size):
         t0 = time.perf_counter()
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self._params(max_tokens))
+        import inspect
+        # no progress bar: it is for people watching, and the log stays readable
+        quiet = {"use_tqdm": False} if "use_tqdm" in inspect.signature(self.llm.generate).parameters else {}
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self._params(max_tokens), **quiet)
         elapsed = time.perf_counter() - t0
         ttfts = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
         return {"elapsed_s": elapsed, "out_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
                 "prompt_tokens": sum(len(p) for p in prompts), "median_ttft_s": median(ttfts)}
+
+
+def wait_full_speed(runner, timeout: float = 3600) -> str:
+    """Block until lamina's compiled steps, if any, are built: a measurement must never run beside
+    a background compile (it would steal the CPUs and measure eager steps). Returns what the runner
+    runs: "compiled", "eager", or "compile failed". Reads `runner.compiled` (a CompiledSteps with
+    wait() and status, the background compile) or, on older code, `runner.compiled_forward`."""
+    steps = getattr(runner, "compiled", None)
+    if steps is not None and hasattr(steps, "wait"):
+        t0 = time.time()
+        if steps.status == "compiling":
+            log("waiting for lamina's background compile before measuring")
+        ok = steps.wait(timeout)
+        if time.time() - t0 > 1:
+            log(f"compiled steps {steps.status} after {time.time() - t0:.0f}s")
+        return "compiled" if ok else f"compile {steps.status}"
+    return "compiled" if getattr(runner, "compiled_forward", None) is not None else "eager"
+
+
+def batches_by_length(prompts: list[list[int]], batch_size: int, sort: bool = True) -> list[list[int]]:
+    """Indices of each batch: the prompts sorted by length first (each batch then pads only to
+    prompts of about its own length, as a careful user of a padded batch API does), or in order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort else list(range(len(prompts)))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padded_tokens(prompts: list[list[int]], batches: list[list[int]]) -> int:
+    """Prompt tokens a left-padded batched generate processes: each batch's width x its rows."""
+    return sum(max(len(prompts[i]) for i in b) * len(b) for b in batches)
 
 
 class HF(System):
@@ -220,12 +257,13 @@ class HF(System):
         res["tokens"] = tokens
         return res
 
-    def generate_batch(self, prompts, max_tokens, batch_size):
+    def generate_batch(self, prompts, max_tokens, batch_size, sort_by_length: bool = True):
         torch = self.torch
         total_out = 0
+        batches = batches_by_length(prompts, batch_size, sort_by_length)
         t0 = time.perf_counter()
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
+        for n, batch in enumerate(batches):
+            chunk = [prompts[i] for i in batch]
             width = max(len(p) for p in chunk)
             # left padding: every row's last prompt token sits in the last column
             ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk])
@@ -233,10 +271,13 @@ class HF(System):
             with torch.inference_mode():
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **self._gen_kwargs(max_tokens))
             total_out += (out.shape[1] - width) * len(chunk)
-            log(f"hf batch {i // batch_size + 1}/{(len(prompts) + batch_size - 1) // batch_size} "
-                f"({time.perf_counter() - t0:.1f}s)")
+            log(f"hf batch {n + 1}/{len(batches)} ({time.perf_counter() - t0:.1f}s)")
         elapsed = time.perf_counter() - t0
-        return {"elapsed_s": elapsed, "out_tokens": total_out, "prompt_tokens": sum(len(p) for p in prompts)}
+        real = sum(len(p) for p in prompts)
+        return {"elapsed_s": elapsed, "out_tokens": total_out, "prompt_tokens": real,
+                "sorted_by_length": sort_by_length, "padded_prompt_tokens": padded_tokens(prompts, batches),
+                "pad_ratio": padded_tokens(prompts, batches) / real,
+                "pad_ratio_unsorted": padded_tokens(prompts, batches_by_length(prompts, batch_size, False)) / real}
 
 
 class LlamaCppPy(System):
@@ -280,28 +321,104 @@ def make_system(args) -> System:
 # tasks
 
 
-def task_latency(sys_: System, vocab: int, prompt_len: int, gen: int, runs: int, warmup_tokens: int) -> dict:
-    """Single stream: a warm-up generation, then `runs` generations of `gen` tokens after distinct
-    `prompt_len`-token prompts (run i uses prompt seed i+1 on every system)."""
-    sys_.generate_timed(random_prompt(vocab, prompt_len, seed=0), warmup_tokens)
+def task_latency(sys_: System, vocab: int, prompt_len: int, gen: int, seeds: list[int], warmup_seed: int,
+                 warmup_tokens: int) -> dict:
+    """Single stream: a warm-up generation, then one generation of `gen` tokens after a distinct
+    `prompt_len`-token prompt per seed (the same seeds on every system; no two runs, rounds or
+    sections share a prompt, so lamina's prefix cache never helps)."""
+    sys_.generate_timed(random_prompt(vocab, prompt_len, seed=warmup_seed), warmup_tokens)
     runs_out = []
-    for i in range(runs):
-        r = sys_.generate_timed(random_prompt(vocab, prompt_len, seed=i + 1), gen)
+    for i, seed in enumerate(seeds):
+        r = sys_.generate_timed(random_prompt(vocab, prompt_len, seed=seed), gen)
         tokens = r.pop("tokens", None)
         if i == 0 and tokens is not None:
             r["first_tokens"] = tokens[:16]
         if r.get("ttft_s"):
             r["prefill_tps"] = prompt_len / r["ttft_s"]
+        r["seed"] = seed
         runs_out.append(r)
-        log(f"{sys_.name} p{prompt_len}+g{gen} run {i + 1}/{runs}: ttft {r['ttft_s']:.3f}s"
+        log(f"{sys_.name} p{prompt_len}+g{gen} seed {seed}: ttft {r['ttft_s']:.3f}s"
             + (f", decode {r['decode_tps']:.1f} tok/s" if r.get("decode_tps") else ""))
     return summarize(runs_out, ["ttft_s", "decode_tps", "e2e_s", "prefill_tps"])
 
 
+def task_offline(sys_: System, vocab: int, prompts: list[list[int]], max_tokens: int, serial: bool,
+                 batch_size: int, sort_by_length: bool = True) -> dict:
+    """Every prompt, max_tokens each: all at once (the system's batch API), or one at a time."""
+    # warm-up on a short prompt outside the measured set
+    sys_.generate_timed(random_prompt(vocab, 16, seed=424242 + len(prompts) + len(prompts[0])), 4)
+    result: dict = {}
+    if serial:
+        t_total, out_total, per = 0.0, 0, []
+        for i, p in enumerate(prompts):
+            t0 = time.perf_counter()
+            r = sys_.generate_timed(p, max_tokens)
+            dt = time.perf_counter() - t0
+            t_total += dt
+            out_total += r["n_out"]
+            per.append({"prompt_len": len(p), "elapsed_s": dt, "n_out": r["n_out"]})
+            log(f"{sys_.name} serial {i + 1}/{len(prompts)}: {len(p)}-token prompt, {dt:.1f}s")
+        result.update({"elapsed_s": t_total, "out_tokens": out_total,
+                       "prompt_tokens": sum(len(p) for p in prompts), "per_prompt": per})
+    elif isinstance(sys_, HF):
+        result.update(sys_.generate_batch(prompts, max_tokens, batch_size, sort_by_length))
+    else:
+        result.update(sys_.generate_batch(prompts, max_tokens, batch_size))
+    result["n_prompts"] = len(prompts)
+    result["output_tps"] = result["out_tokens"] / result["elapsed_s"]
+    result["total_tps"] = (result["out_tokens"] + result["prompt_tokens"]) / result["elapsed_s"]
+    return result
+
+
+def run_task(sys_: System, vocab: int, task: str, p: dict) -> dict:
+    """One task on a loaded system; `p` holds its parameters (as the loop's JSON requests do)."""
+    if task in ("decode", "latency"):
+        return task_latency(sys_, vocab, p["prompt_len"], p.get("gen", 256), p["seeds"], p.get("warmup_seed", 0),
+                            p.get("warmup_tokens", 8))
+    if task == "prefill":
+        return task_latency(sys_, vocab, p["prompt_len"], 1, p["seeds"], p.get("warmup_seed", 0), 1)
+    if task == "offline":
+        with open(p["prompts"]) as f:
+            prompts = json.load(f)
+        return task_offline(sys_, vocab, prompts, p["max_tokens"], p.get("serial", False), p.get("batch_size", 32),
+                            p.get("sort_by_length", True))
+    raise ValueError(f"unknown task {task!r}")
+
+
+def loop(args) -> int:
+    """Load the system once, say so on stdout, then run each JSON request read from stdin and answer
+    it with one JSON line, until stdin ends or a request says {"task": "exit"}."""
+    import traceback
+    proto = protocol_stdout()
+    try:
+        sys_ = make_system(args)
+    except Exception as e:  # noqa: BLE001 - reported to the orchestrator
+        traceback.print_exc()
+        proto.write(json.dumps({"error": f"loading failed: {e!r}"}) + "\n")
+        return 1
+    sys_.name = args.name or args.engine
+    vocab = vocab_size(args.model_dir)
+    proto.write(json.dumps({"engine": args.engine, "weight_bytes": sys_.weight_bytes, "info": sys_.info}) + "\n")
+    for line in sys.stdin:
+        req = json.loads(line)
+        task = req.pop("task")
+        if task == "exit":
+            break
+        try:
+            with OthersMeter() as meter:
+                out = run_task(sys_, vocab, task, req)
+            out["others_cpu_during"] = meter.fraction
+        except Exception as e:  # noqa: BLE001 - one failed task does not end the worker
+            traceback.print_exc()
+            out = {"error": f"{task} failed: {e!r}"}
+        proto.write(json.dumps(out) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("task", choices=["machine", "decode", "prefill", "offline"])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("task", choices=["machine", "decode", "prefill", "offline", "loop"])
+    ap.add_argument("--out", help="where the one-shot tasks write their JSON (not loop)")
     ap.add_argument("--engine", choices=["lamina", "hf", "llamacpp-py"])
     ap.add_argument("--name", default=None, help="label of the system in logs")
     ap.add_argument("--model-dir")
@@ -320,8 +437,14 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="offline: tokens per prompt")
     ap.add_argument("--batch-size", type=int, default=32, help="offline, hf: prompts per generate call")
     ap.add_argument("--serial", action="store_true", help="offline: one prompt at a time")
+    ap.add_argument("--hf-unsorted", action="store_true",
+                    help="offline, hf: batch the prompts in their order (default: sorted by length)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.task == "loop":
+        return loop(args)
+    if not args.out:
+        ap.error("--out is required")
 
     if args.task == "machine":
         result = measure_machine(args.threads, args.quick)
@@ -330,32 +453,16 @@ def main() -> int:
         sys_.name = args.name or args.engine
         vocab = vocab_size(args.model_dir)
         result = {"engine": args.engine, "weight_bytes": sys_.weight_bytes, "info": sys_.info}
+        seeds = list(range(1, args.runs + 1))
         if args.task == "decode":
-            result.update(task_latency(sys_, vocab, args.prompt_len, args.gen, args.runs, warmup_tokens=8))
+            result.update(run_task(sys_, vocab, "decode", {"prompt_len": args.prompt_len, "gen": args.gen,
+                                                           "seeds": seeds}))
         elif args.task == "prefill":
-            result.update(task_latency(sys_, vocab, args.prompt_len, 1, args.runs, warmup_tokens=1))
+            result.update(run_task(sys_, vocab, "prefill", {"prompt_len": args.prompt_len, "seeds": seeds}))
         elif args.task == "offline":
-            with open(args.prompts) as f:
-                prompts = json.load(f)
-            # warm-up on a short prompt outside the measured set
-            sys_.generate_timed(random_prompt(vocab, 16, seed=424242), 4)
-            if args.serial:
-                t_total, out_total, per = 0.0, 0, []
-                for i, p in enumerate(prompts):
-                    t0 = time.perf_counter()
-                    r = sys_.generate_timed(p, args.max_tokens)
-                    dt = time.perf_counter() - t0
-                    t_total += dt
-                    out_total += r["n_out"]
-                    per.append({"prompt_len": len(p), "elapsed_s": dt, "n_out": r["n_out"]})
-                    log(f"{sys_.name} serial {i + 1}/{len(prompts)}: {len(p)}-token prompt, {dt:.1f}s")
-                result.update({"elapsed_s": t_total, "out_tokens": out_total,
-                               "prompt_tokens": sum(len(p) for p in prompts), "per_prompt": per})
-            else:
-                result.update(sys_.generate_batch(prompts, args.max_tokens, args.batch_size))
-            result["n_prompts"] = len(prompts)
-            result["output_tps"] = result["out_tokens"] / result["elapsed_s"]
-            result["total_tps"] = (result["out_tokens"] + result["prompt_tokens"]) / result["elapsed_s"]
+            result.update(run_task(sys_, vocab, "offline", {
+                "prompts": args.prompts, "max_tokens": args.max_tokens, "serial": args.serial,
+                "batch_size": args.batch_size, "sort_by_length": not args.hf_unsorted}))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0
