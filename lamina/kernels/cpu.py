@@ -130,7 +130,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _complete(library: Path) -> bool:
+def _complete(library: Path, warn: bool = True) -> bool:
     """Whether `library` is a finished build (its hash recorded after the build) that is safe to load."""
     done = library.parent / _DONE
     try:
@@ -139,10 +139,9 @@ def _complete(library: Path) -> bool:
     except OSError:
         return False
     reason = _unsafe(library) or _unsafe(done)
-    if reason:
+    if reason and warn:
         log.warning("not loading the cached C++ kernels: %s; rebuilding them", reason)
-        return False
-    return True
+    return not reason
 
 
 def _say(message: str) -> None:
@@ -198,7 +197,7 @@ def build(namespace: str = "lamina", march: str = "native") -> Path:
     import fcntl  # POSIX; elsewhere load() reports the ImportError
     with open(cache / f"{name}.lock", "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)       # released by the kernel if this process dies
-        if _complete(library):                      # another process built it while we waited
+        if _complete(library, warn=False):          # another process built it while we waited
             return library
         # Holding our lock, no one else is building here: a `lock` file left by cpp_extension's older
         # file baton (torch < 2.14) is stale, and would make the build wait for ever.
@@ -206,6 +205,8 @@ def build(namespace: str = "lamina", march: str = "native") -> Path:
         for stale in (library, folder / _DONE):     # never trust half a link
             stale.unlink(missing_ok=True)
         cpp_extension = _cpp_extension()
+        # cpp_extension skips a build it has already run in this process; ours was removed just above
+        getattr(getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None), "entries", {}).pop(name, None)
         _say(f"building lamina's C++ kernels for this CPU (once, ~20 s) into {folder} ...")
         started = time.monotonic()
         cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
