@@ -207,7 +207,7 @@ def build(namespace: str = "lamina", march: str = "native") -> Path:
         cpp_extension = _cpp_extension()
         # cpp_extension skips a build it has already run in this process; ours was removed just above
         getattr(getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None), "entries", {}).pop(name, None)
-        _say(f"building lamina's C++ kernels for this CPU (once, ~20 s) into {folder} ...")
+        _say(f"building lamina's C++ kernels for this CPU (once, 20-40 s on 2 cores) into {folder} ...")
         started = time.monotonic()
         cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
                            build_directory=str(folder), is_python_module=False, verbose=False)
