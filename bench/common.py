@@ -73,7 +73,8 @@ def random_prompt(vocab: int, length: int, seed: int) -> list[int]:
     another run's prefix cache."""
     import random
     rng = random.Random(seed * 1_000_003 + length)
-    return [rng.randrange(FIRST_ORDINARY_TOKEN, vocab) for _ in range(length)]
+    lo = min(FIRST_ORDINARY_TOKEN, vocab // 2)  # tiny test vocabularies too
+    return [rng.randrange(lo, vocab) for _ in range(length)]
 
 
 def mixed_prompts(vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
@@ -87,6 +88,18 @@ def mixed_prompts(vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[l
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
+    """The median wall time of `rounds` calls of fn() after `warmup` calls (CPU micro-benchmarks)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def summarize(runs: list[dict], keys: list[str]) -> dict:

@@ -15,23 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import median  # noqa: E402
+from common import median_seconds  # noqa: E402
 from lamina.kernels import cpu  # noqa: E402
 
 
 def median_ms(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * median(times)
+    return 1e3 * median_seconds(fn, rounds)
 
 
 def case(seqs: int, length: int, heads: int, kv_heads: int, head_dim: int, block_size: int, shuffled: bool,

@@ -30,7 +30,8 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median  # noqa: E402  (also puts the repository on sys.path)
 from lamina.kernels import cpu  # noqa: E402
 from lamina.models.quant import pack_bf16, pack_int4, pack_int8, quantize_int4  # noqa: E402
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
                     times[name].append((time.perf_counter() - start) / len(used))
             cells = []
             for name in names:
-                t = sorted(times[name])[len(times[name]) // 2]
+                t = median(times[name])
                 cells.append(f"{t * 1e6:.1f} ({copies[0][name][0] / t / 1e9:.1f})")
             print(f"{m:4d}  " + "  ".join(f"{c:>20}" for c in cells), flush=True)
     return 0

@@ -5,25 +5,25 @@ GFLOP/s, to hold against the machine's matmul peak).
     python bench/step_profile.py                   # the offline set: 256 prompts of 16-512 tokens
     python bench/step_profile.py --prompts 16 --max-tokens 8 --step-tokens 1024   # a quick look
 
-The prompts are bench/offline.py's kind (random token ids of 16..512 tokens, fixed seed; 64 new
-tokens each, greedy, EOS ignored), all submitted at once to one `LLM` as `LLM.generate` would;
-prefill steps hold up to --step-tokens prompt tokens (LLM's max_num_batched_tokens).
+The prompts are bench/offline.py's first round's set (bench/common.py's mixed_prompts, seed 0:
+random token ids of 16..512 tokens; 64 new tokens each, greedy, EOS ignored), all submitted at once
+to one `LLM` as `LLM.generate` would; prefill steps hold up to --step-tokens prompt tokens (LLM's
+max_num_batched_tokens).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import DEFAULT_MODEL, mixed_prompts, random_prompt  # noqa: E402
 from lamina import LLM, SamplingParams  # noqa: E402
 
 
-def prompts(n: int, min_len: int, max_len: int, vocab: int, rng: random.Random) -> list[dict]:
-    return [{"prompt_token_ids": [rng.randrange(min(100, vocab // 2), vocab) for _ in range(rng.randint(min_len, max_len))]}
-            for _ in range(n)]
+def as_requests(prompts: list[list[int]]) -> list[dict]:
+    return [{"prompt_token_ids": p} for p in prompts]
 
 
 def time_steps(llm: LLM, batch: list[dict], params: SamplingParams) -> dict:
@@ -77,7 +77,7 @@ def profile_prefill(llm: LLM, batch: list[dict]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="a registry name or a model directory")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a registry name or a model directory")
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
@@ -86,22 +86,24 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-profile", action="store_true", help="step times only")
     args = ap.parse_args()
-    rng = random.Random(0)
     # the default KV budget (4 GiB on CPU) holds the default set's 256 sequences at once
     llm = LLM(args.model, num_threads=args.threads, max_num_batched_tokens=args.step_tokens)
     vocab = llm.engine.model_config.vocab_size
-    llm.generate(prompts(4, args.min_len, args.max_len, vocab, rng), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    warm_up = as_requests(mixed_prompts(vocab, 4, args.min_len, args.max_len, seed=424242))
+    llm.generate(warm_up, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    r = time_steps(llm, prompts(args.prompts, args.min_len, args.max_len, vocab, rng), params)
+    r = time_steps(llm, as_requests(mixed_prompts(vocab, args.prompts, args.min_len, args.max_len, seed=0)), params)
     print(f"{args.prompts} prompts, {args.max_tokens} new tokens each: {r['total_s']:.1f} s, "
           f"{r['output_tokens'] / r['total_s']:.1f} output tok/s")
     print("| steps | count | seconds | tokens | tok/s |\n|---|---:|---:|---:|---:|")
     for kind, (count, seconds, tokens) in r["kinds"].items():
         print(f"| {kind} | {count} | {seconds:.1f} | {tokens} | {tokens / seconds if seconds else 0:.0f} |")
     if not args.no_profile:
+        # prompts outside the measured set (so none hits the prefix cache), up to one step's budget
         budget, batch = args.step_tokens, []
-        while True:
-            p = prompts(1, args.min_len, args.max_len, vocab, rng)[0]
+        extra = mixed_prompts(vocab, args.step_tokens // max(args.min_len, 1) + 1, args.min_len, args.max_len,
+                              seed=777)
+        for p in as_requests(extra):
             if batch and sum(len(b["prompt_token_ids"]) for b in batch) + len(p["prompt_token_ids"]) > budget:
                 break
             batch.append(p)
