@@ -100,11 +100,13 @@ class Tokenizer:
         return template
 
     # -- encoding ------------------------------------------------------------------------------
+    # The *_batch calls release the GIL while they work, where encode/decode hold it throughout: a
+    # megabytes-long prompt tokenized on a server's worker thread would freeze its event loop.
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)

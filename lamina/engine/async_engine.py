@@ -30,6 +30,7 @@ class AsyncEngine:
         self.engine = config if isinstance(config, LLMEngine) else LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.model_config.vocab_size   # the width of the logits
         self.model_name = self.engine.config.model
         self.stats = self.engine.stats
         self.on_death = on_death

@@ -13,7 +13,7 @@ import torch
 
 from lamina.config import EngineConfig, ModelConfig
 from lamina.engine import sampler
-from lamina.engine.errors import ContextLengthExceeded, RequestError
+from lamina.engine.errors import RequestError, check_context_length
 from lamina.engine.kv_cache import BlockManager
 from lamina.engine.metrics import EngineStats, StepStats
 from lamina.engine.model_runner import ModelRunner
@@ -120,13 +120,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        limit = self.max_model_len
-        if n >= limit or (params.max_tokens is not None and n + params.max_tokens > limit):
-            asked = f"{n} in the prompt" + (f", {params.max_tokens} for the completion" if params.max_tokens else "")
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n + (params.max_tokens or 0)} tokens ({asked}). Please reduce the length of the "
-                f"prompt or the number of requested output tokens.")
+        params.check_token_ids(vocab)
+        check_context_length(self.max_model_len, n, params.max_tokens, "prompt")
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> str:

@@ -360,15 +360,27 @@ for chunk in stream:
 
 
 async def serve(settings: ServerSettings, engine_factory: Callable[[], object]) -> int:
+    """Serve until a signal (exit code 0), or until the engine dies (1: nothing more can be served,
+    so the process ends and a supervisor can restart it, rather than answer 503 for ever)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    engine_died: list[BaseException] = []
+
+    def on_engine_death(exc: BaseException) -> None:   # on the engine's thread
+        engine_died.append(exc)
+        loop.call_soon_threadsafe(stop.set)
+
+    def build_engine():
+        engine = engine_factory()
+        engine.on_death = on_engine_death
+        return engine
 
     def ready(app: App) -> None:
         url = base_url(settings.host, app.port)
         print(f"lamina: ready ({app.engine.model_name}, context {app.engine.max_model_len} tokens). "
               f"Try it:\n\n{example_snippet(url, app.served_names[0], bool(settings.api_keys))}\n", flush=True)
 
-    app = App(settings, engine_factory=engine_factory, on_ready=ready)
+    app = App(settings, engine_factory=build_engine, on_ready=ready)
     try:
         await app.start()
     except OSError as e:
@@ -393,10 +405,13 @@ async def serve(settings: ServerSettings, engine_factory: Callable[[], object]) 
         await waiter
     loaded.cancel()
     waiter.cancel()
-    print("lamina: shutting down" if stop.is_set() else "lamina: the model failed to load", file=sys.stderr,
-          flush=True)
+    if engine_died:
+        reason = "the engine failed (see the log above); exiting so that a supervisor can restart the server"
+    else:
+        reason = "shutting down" if stop.is_set() else "the model failed to load"
+    print(f"lamina: {reason}", file=sys.stderr, flush=True)
     await app.shutdown()
-    return 1 if app.load_error is not None else 0
+    return 1 if app.load_error is not None or engine_died else 0
 
 
 def run_server(args: argparse.Namespace, engine_config) -> int:

@@ -45,34 +45,18 @@ def logits_width(engine) -> int:
     """How many token ids the model has logits for (the model config's vocab_size): the bound of
     the ids that logit_bias and stop_token_ids may name. It can differ from the tokenizer's
     vocabulary, and an id past it would index out of the sampler's tensors."""
-    width = getattr(engine, "vocab_size", None)
-    if width is None:
-        width = engine.engine.model_config.vocab_size
-    return width
-
-
-def _batch_tokenizer(tok):
-    """The `tokenizers` object behind lamina's Tokenizer, if it has one: its *_batch methods
-    release the GIL while they work (encode and decode hold it throughout: an 8 MiB prompt held it
-    for seconds, freezing the event loop even when tokenized on a worker thread)."""
-    inner = getattr(tok, "_tok", None)
-    return inner if hasattr(inner, "encode_batch") and hasattr(inner, "decode_batch") else None
+    return engine.vocab_size
 
 
 def encode_text(tok, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
+    """Tokenized on a worker thread: lamina's Tokenizer lets the event loop run meanwhile."""
     try:
-        inner = _batch_tokenizer(tok)
-        if inner is not None:
-            return inner.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return tok.encode(text, add_special_tokens=add_special_tokens)
     except Exception:
         raise bad_request(f"'{param}' could not be tokenized (is it valid UTF-8 text?).", param) from None
 
 
 def decode_ids(tok, ids: list[int], skip_special_tokens: bool = True) -> str:
-    inner = _batch_tokenizer(tok)
-    if inner is not None:
-        return inner.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
     return tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
