@@ -85,6 +85,18 @@ def mixed_prompts(vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[l
     return [random_prompt(vocab, length, seed=10_000 + seed * 100_000 + i) for i, length in enumerate(lengths)]
 
 
+def batches_by_length(prompts: list[list[int]], batch_size: int, sort: bool = True) -> list[list[int]]:
+    """Indices of each batch: the prompts sorted by length first (each batch then pads only to
+    prompts of about its own length, as a careful user of a padded batch API does), or in order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort else list(range(len(prompts)))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padded_tokens(prompts: list[list[int]], batches: list[list[int]]) -> int:
+    """Prompt tokens a left-padded batched generate processes: each batch's width x its rows."""
+    return sum(max(len(prompts[i]) for i in b) * len(b) for b in batches)
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None

@@ -9,8 +9,9 @@ Workloads (greedy, EOS ignored, bf16):
            (the default), lamina eager (--enforce-eager), transformers `generate`
   prefill  one 512-token prompt: tokens/s of the prefill step (lamina) / forward (transformers)
   batch    decode tok/s of B sequences at once (lamina, graphs vs eager): where graphs stop mattering
-  offline  256 prompts of 16-512 tokens, 64 new tokens each: lamina `LLM.generate` against
-           transformers' batched `generate` (batches of 32, left-padded)
+  offline  256 prompts of 16-512 tokens, 64 new tokens each (bench/offline.py's first set):
+           lamina's engine against transformers' batched `generate` (batches of 32, left-padded,
+           the prompts sorted by length first, as bench/offline.py does)
 Speed does not depend on the weights' values, so a random checkpoint at a model's shape (config.json
 copied from the real one) measures the same thing where the real weights cannot be fetched.
 Without CUDA it prints a note and exits 0 (`--device cpu --quick` checks the script itself).
@@ -28,7 +29,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import batches_by_length, mixed_prompts, padded_tokens  # noqa: E402  (puts the repository on sys.path)
 from lamina.config import EngineConfig  # noqa: E402
 from lamina.engine.engine import LLMEngine  # noqa: E402
 from lamina.sampling_params import SamplingParams  # noqa: E402
@@ -58,7 +60,7 @@ def lamina_engine(args, eager: bool, **kw) -> LLMEngine:
     workloads repeat prompts, and transformers has no such cache."""
     return LLMEngine(EngineConfig(model=args.model_dir, dtype="bfloat16", device=args.device,
                                   enforce_eager=True if eager else None, enable_prefix_caching=False,
-                                  num_gpu_blocks_override=args.kv_blocks, **kw))
+                                  num_kv_blocks=args.kv_blocks, **kw))
 
 
 def lamina_single(engine: LLMEngine, prompt: list[int], max_tokens: int, device) -> tuple[float, float]:
@@ -207,9 +209,11 @@ def main(argv=None) -> int:
 
     if "offline" in only:
         count, lo, hi, gen = (16, 16, 64, 8) if q else (256, 16, 512, 64)
-        rng = random.Random(0)
-        prompts = prompts_of(vocab, [rng.randint(lo, hi) for _ in range(count)], seed=2)
-        res["offline"] = {"prompts": count, "prompt_tokens": sum(map(len, prompts)), "max_tokens": gen}
+        prompts = mixed_prompts(vocab, count, lo, hi, seed=0)
+        batch = 32
+        batches = [[prompts[i] for i in b] for b in batches_by_length(prompts, batch)]
+        res["offline"] = {"prompts": count, "prompt_tokens": sum(map(len, prompts)), "max_tokens": gen,
+                          "hf_padded_prompt_tokens": padded_tokens(prompts, batches_by_length(prompts, batch))}
         params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
         engine = engines["lamina"]
 
@@ -220,14 +224,14 @@ def main(argv=None) -> int:
                 engine.step()
         t = median_time(lamina_all, 2, device)
         res["offline"]["lamina"] = {"out_tok_s": count * gen / t, "seconds": t}
-        batch = 32
 
         def hf_all():
-            for i in range(0, count, batch):
-                hf_generate(hf, prompts[i:i + batch], gen, device)
-        hf_generate(hf, prompts[:batch], 2, device)
+            for b in batches:
+                hf_generate(hf, b, gen, device)
+        hf_generate(hf, batches[0], 2, device)
         t = median_time(hf_all, 1, device)
-        res["offline"]["transformers"] = {"out_tok_s": count * gen / t, "seconds": t, "batch": batch}
+        res["offline"]["transformers"] = {"out_tok_s": count * gen / t, "seconds": t, "batch": batch,
+                                          "sorted_by_length": True}
         print("offline", json.dumps(res["offline"]), flush=True)
 
     if args.json:

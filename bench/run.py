@@ -436,9 +436,12 @@ def section_serve(systems: list[str], args, hf_dir: str, results: dict) -> None:
                 "itl_p50": round_ratios(at(a, c, "itl_s"), at(b, c, "itl_s"))}
 
 
-def section_first_answer(args, results: dict) -> None:
+def section_first_answer(systems: list[str], args, results: dict) -> None:
+    """lamina serve (cold and warm Inductor cache), LLM(...) in a fresh python, and llama-server
+    when a llamacpp system is selected; --quick stops at the first answers."""
     from first_answer import SYSTEMS, run_first_answer
-    results["first-answer"] = run_first_answer(args.model, list(SYSTEMS), rounds=args.rounds, full_speed=not args.quick)
+    names = [s for s in SYSTEMS if s != "llama-server" or any(x.startswith("llamacpp") for x in systems)]
+    results["first-answer"] = run_first_answer(args.model, names, rounds=args.rounds, full_speed=not args.quick)
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,7 +595,8 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lamina bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections (default: all)")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated, from {', '.join(SECTIONS)} (default: all)")
     ap.add_argument("--quick", action="store_true", help="a fast smoke run of every selected section")
     ap.add_argument("--systems", default=None,
                     help=f"comma-separated, from {', '.join(ALL_SYSTEMS)} (default: {DEFAULT_SYSTEMS}; "
@@ -692,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     if "serve" in sections:
         guarded("serve", section_serve, systems, args, hf_dir, res)
     if "first-answer" in sections:
-        guarded("first-answer", section_first_answer, args, res)
+        guarded("first-answer", section_first_answer, systems, args, res)
     res["meta"]["load_at_end"] = load()
     md = save()
     print(md)

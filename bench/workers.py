@@ -28,8 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import (OthersMeter, log, median, protocol_stdout, random_prompt, summarize,  # noqa: E402
-                    vocab_size, weight_bytes_gguf, weight_bytes_torch)
+from common import (OthersMeter, batches_by_length, log, median, padded_tokens, protocol_stdout,  # noqa: E402
+                    random_prompt, summarize, vocab_size, weight_bytes_gguf, weight_bytes_torch)
 
 GIB = 1 << 30
 
@@ -195,18 +195,6 @@ def wait_full_speed(runner, timeout: float = 3600) -> str:
             log(f"compiled steps {steps.status} after {time.time() - t0:.0f}s")
         return "compiled" if ok else f"compile {steps.status}"
     return "compiled" if getattr(runner, "compiled_forward", None) is not None else "eager"
-
-
-def batches_by_length(prompts: list[list[int]], batch_size: int, sort: bool = True) -> list[list[int]]:
-    """Indices of each batch: the prompts sorted by length first (each batch then pads only to
-    prompts of about its own length, as a careful user of a padded batch API does), or in order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort else list(range(len(prompts)))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def padded_tokens(prompts: list[list[int]], batches: list[list[int]]) -> int:
-    """Prompt tokens a left-padded batched generate processes: each batch's width x its rows."""
-    return sum(max(len(prompts[i]) for i in b) * len(b) for b in batches)
 
 
 class HF(System):
