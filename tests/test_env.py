@@ -30,7 +30,7 @@ def test_python_m_lamina_env_prints_every_section():
     assert "s3cret" not in out and "LAMINA_API_KEY" in out   # set, and hidden
 
 
-def test_fast_paths_and_one_line_summary():
+def test_fast_paths_and_one_line_summary(monkeypatch):
     paths = env.fast_paths("cpu")
     assert [name for name, _, _ in paths] == ["C++ kernels", "attention backend", "compiled steps", "CUDA graphs"]
     assert all(isinstance(ok, bool) and why for _, ok, why in paths)
@@ -38,6 +38,15 @@ def test_fast_paths_and_one_line_summary():
     assert kernels == cpu.load()
     if not kernels:
         assert paths[0][2] == (cpu.load_error() or cpu.unsupported_reason())
+    # on CUDA (described without touching a GPU): Triton attention, CUDA graphs rather than compiled steps
+    monkeypatch.delenv("LAMINA_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv("LAMINA_ENFORCE_EAGER", raising=False)
+    cuda = {name: (ok, why) for name, ok, why in env.fast_paths("cuda")}
+    assert cuda["C++ kernels"][0] is False and cuda["attention backend"] == (True, cuda["attention backend"][1])
+    assert cuda["attention backend"][1].startswith("triton:") and cuda["compiled steps"][0] is False
+    assert cuda["CUDA graphs"][0] is True
+    monkeypatch.setenv("LAMINA_ENFORCE_EAGER", "1")
+    assert dict((n, ok) for n, ok, _ in env.fast_paths("cuda"))["CUDA graphs"] is False
     line = env.one_line_summary(device="cpu", attention_backend="cpu", execution="compiled")
     assert "\n" not in line and line.startswith(f"lamina {env.lamina_version()}, torch {torch.__version__}")
     assert f"C++ kernels: {'yes' if kernels else 'no'}, attention: cpu, steps: compiled" in line
