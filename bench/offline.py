@@ -146,7 +146,7 @@ def run_offline(model: str, systems: list[str], cfg: dict, lamina_dtype: str = "
         t0 = time.time()
         if name == "llamacpp-server":
             from llamacpp import offline_via_server
-            with common.OthersMeter() as meter:
+            with common.OthersMeter(pids=[server.proc.pid]) as meter:  # the server's CPU is ours
                 out = offline_via_server(server.port, sets[r], cfg["max_tokens"], concurrency=min(llama_parallel, n))
             out["others_cpu_during"] = meter.fraction
         else:

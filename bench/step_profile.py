@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEFAULT_MODEL, mixed_prompts, random_prompt  # noqa: E402
+from common import DEFAULT_MODEL, mixed_prompts  # noqa: E402
 from lamina import LLM, SamplingParams  # noqa: E402
 
 
