@@ -47,7 +47,7 @@ def build_model(shape: dict, backend: str, dtype: torch.dtype, device: str, max_
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg, get_backend(backend, device), max_len=max_len)
+            model = LlamaForCausalLM(cfg, get_backend(backend, device).ops, max_len=max_len)
     finally:
         torch.set_default_dtype(default)
     model.to_empty(device=device)

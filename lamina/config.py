@@ -103,11 +103,11 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     kv_cache_memory: int | None = None        # KV budget in bytes; None: 4 GiB on CPU, on CUDA what gpu_memory_utilization leaves
-    kv_cache_dtype: str = "auto"              # auto: float32 on CPU (faster attention there), model dtype on GPU
+    kv_cache_dtype: str = "auto"              # auto: the model's (float32 with the torch backend on CPU)
     gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: int | None = None  # tests: force a (tiny) cache size
+    num_kv_blocks: int | None = None          # a fixed number of KV-cache blocks on any device (overrides kv_cache_memory)
     enable_prefix_caching: bool = True
-    attention_backend: str | None = None      # None: $LAMINA_ATTENTION_BACKEND, else triton on cuda / cpu (C++) or torch on cpu
+    attention_backend: str | None = None      # None: $LAMINA_ATTENTION_BACKEND, else triton on cuda; cpu (C++) or torch on cpu
     enforce_eager: bool | None = None         # None: compile decode steps on CPU, CUDA graphs on GPU ($LAMINA_ENFORCE_EAGER=1: neither)
     num_threads: int | None = None            # torch intra-op threads on CPU
     seed: int = 0

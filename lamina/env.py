@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from lamina import envs
+
 # /proc/cpuinfo flag -> the name in Intel's and AMD's manuals; what lamina's C++ kernels look for
 CPU_FLAGS = {"avx512f": "AVX-512F", "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI",
              "amx_tile": "AMX-TILE", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
@@ -91,24 +93,11 @@ def cuda_devices() -> list[str]:
     return out
 
 
-def _eager_by_env() -> bool:
-    # the rule of the engine's execution strategy (engine/model_runner.py)
-    return os.environ.get("LAMINA_ENFORCE_EAGER", "") not in ("", "0")
-
-
-def _backend_choice(device: torch.device) -> tuple[str, str]:
-    """The attention backend kernels.get_backend() would pick for `device`, and where the choice comes from."""
-    chosen = os.environ.get("LAMINA_ATTENTION_BACKEND")
-    if chosen:
-        return chosen, "set by $LAMINA_ATTENTION_BACKEND"
-    from lamina.kernels import _default_backend
-    return _default_backend(device), "the default here"
-
-
 def fast_paths(device: torch.device | str = "cpu") -> list[tuple[str, bool, str]]:
-    """(name, yes/no, why) for each of lamina's fast paths on `device`. Loads (and if need be builds)
-    the C++ kernels on CPU."""
-    from lamina.kernels import cpu
+    """(name, yes/no, why) for each of lamina's fast paths on `device`, by the rules an engine
+    resolves its config with (engine/resolve.py). Loads (and if need be builds) the C++ kernels on CPU."""
+    from lamina.engine.resolve import COMPILED, CUDA_GRAPHS, resolve_execution
+    from lamina.kernels import cpu, get_backend
     device = torch.device(device)
     paths = []
     if device.type == "cpu":
@@ -119,32 +108,28 @@ def fast_paths(device: torch.device | str = "cpu") -> list[tuple[str, bool, str]
     else:
         paths.append(("C++ kernels", False, f"for CPU only (device is {device.type})"))
 
+    source = "set by $LAMINA_ATTENTION_BACKEND" if envs.attention_backend() else "the default here"
     try:
-        backend, source = _backend_choice(device)
+        backend = get_backend(None, device)
     except Exception as e:  # noqa: BLE001 - report it, whatever it is
-        backend, source = "unknown", f"{type(e).__name__}: {e}"
+        paths.append(("attention backend", False, f"{type(e).__name__}: {e} ({source})"))
+        return paths
     fast = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
-    if backend == fast:
-        why = {"cpu": "C++ paged attention reading the KV cache in place", "triton": "lamina's Triton kernels"}[backend]
-        paths.append(("attention backend", True, f"{backend}: {why} ({source})"))
-    elif backend == "torch" and device.type == "cpu" and not os.environ.get("LAMINA_ATTENTION_BACKEND"):
+    if backend.name == fast:
+        why = {"cpu": "C++ paged attention reading the KV cache in place", "triton": "lamina's Triton kernels"}[fast]
+        paths.append(("attention backend", True, f"{backend.name}: {why} ({source})"))
+    elif backend.name == "torch" and device.type == "cpu" and not envs.attention_backend():
         paths.append(("attention backend", False, "torch: the plain-torch reference, as the C++ kernels did not load"))
     else:
-        paths.append(("attention backend", False, f"{backend}: not this device's fast backend ({fast}); {source}"))
+        paths.append(("attention backend", False, f"{backend.name}: not this device's fast backend ({fast}); {source}"))
 
+    execution, reason = resolve_execution(None, device, backend)
     if device.type == "cpu":
-        eager = _eager_by_env()
-        paths.append(("compiled steps", not eager, "LAMINA_ENFORCE_EAGER is set" if eager
-                      else "torch.compile of decode steps at start-up (--enforce-eager turns it off)"))
+        paths.append(("compiled steps", execution == COMPILED, reason))
         paths.append(("CUDA graphs", False, "CUDA only"))
     else:
         paths.append(("compiled steps", False, "CPU only: CUDA decode steps replay CUDA graphs instead"))
-        if backend != "triton":
-            paths.append(("CUDA graphs", False, f"need the triton backend (this is {backend})"))
-        elif _eager_by_env():
-            paths.append(("CUDA graphs", False, "LAMINA_ENFORCE_EAGER is set"))
-        else:
-            paths.append(("CUDA graphs", True, "decode steps replay graphs captured at start-up"))
+        paths.append(("CUDA graphs", execution == CUDA_GRAPHS, reason))
     return paths
 
 

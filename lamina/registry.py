@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from lamina import envs
 from lamina.config import ModelLoadError
 
 SOURCE_GGUF = "source.gguf"
@@ -87,8 +88,7 @@ REGISTRY: dict[str, RegistryEntry] = {
 
 def lamina_home() -> str:
     """$LAMINA_HOME, else ~/.cache/lamina."""
-    home = os.environ.get("LAMINA_HOME")
-    return os.path.abspath(os.path.expanduser(home or os.path.join("~", ".cache", "lamina")))
+    return envs.lamina_home()
 
 
 def model_dir(name: str) -> str:

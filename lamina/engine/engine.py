@@ -1,6 +1,7 @@
 """The step loop: schedule -> one forward pass -> sample -> append, stop-check, detokenize, stream out."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from lamina.engine.kv_cache import BlockManager
 from lamina.engine.metrics import EngineStats, StepStats
 from lamina.engine.model_runner import ModelRunner
 from lamina.engine.profiler import StepProfiler
+from lamina.engine.resolve import resolve
 from lamina.engine.scheduler import ScheduledBatch, Scheduler
 from lamina.engine.sequence import Sequence, SequenceStatus
 from lamina.sampling_params import (CompletionOutput, RequestMetrics, RequestOutput, SamplingParams,
@@ -53,43 +55,45 @@ def read_generation_config(model_dir: str) -> dict:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        self.config = config
         torch.manual_seed(config.seed)  # the noise of unseeded sampling
         if os.path.isdir(config.model):
-            self.model_dir = config.model
+            model_dir = config.model
         else:
             from lamina.registry import resolve_model
-            self.model_dir = resolve_model(config.model)
-        self.model_config = ModelConfig.from_dir(self.model_dir)
-        self.tokenizer = Tokenizer(self.model_dir)
-        gen = read_generation_config(self.model_dir)
+            model_dir = resolve_model(config.model)
+        self.model_dir = model_dir
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.tokenizer = Tokenizer(model_dir)
+        gen = read_generation_config(model_dir)
         self.generation_defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if gen.get(k) is not None}
         eos = gen.get("eos_token_id", [])
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_token_ids = set(eos) | set(self.model_config.eos_token_id)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        self.runner = ModelRunner(config, self.model_dir, self.max_model_len)
-        if self.kv_capacity_tokens < self.max_model_len:
+        resolved = resolve(config, model_dir, self.model_config)
+        self.runner = ModelRunner(resolved)
+        capacity = self.runner.num_blocks * resolved.block_size
+        if capacity < resolved.max_model_len:
             # as vLLM does: one full-length sequence must fit, so shrink the context to the cache
             log.warning("the KV cache holds %d tokens, less than the context of %d: serving a context of %d",
-                        self.kv_capacity_tokens, self.max_model_len, self.kv_capacity_tokens)
-            self.max_model_len = self.kv_capacity_tokens
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+                        capacity, resolved.max_model_len, capacity)
+            resolved = dataclasses.replace(resolved, max_model_len=capacity)
+        self.config = dataclasses.replace(resolved, num_kv_blocks=self.runner.num_blocks)
+        self.max_model_len = self.config.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats(kv_blocks_total=self.runner.num_blocks, kv_blocks_free=self.runner.num_blocks,
-                                 block_size=config.block_size)
-        self.profiler = StepProfiler(enabled=config.profile_steps)
+                                 block_size=self.config.block_size)
+        self.profiler = StepProfiler(enabled=self.config.profile_steps)
         self._last_log = time.monotonic()
         self._pending_outputs: list[RequestOutput] = []
-        log.info("model %s on %s in %s; KV cache: %d blocks of %d = %d tokens (%.2f GiB)",
-                 config.model, self.runner.device, str(self.runner.dtype).replace("torch.", ""),
-                 self.runner.num_blocks, config.block_size, self.kv_capacity_tokens,
-                 self.runner.num_blocks * self.runner.bytes_per_block / 2**30)
+        log.info("model %s: %s", self.config.model, self.config.summary())
+        log.info("KV cache: %d blocks of %d = %d tokens (%.2f GiB)", self.runner.num_blocks, self.config.block_size,
+                 self.kv_capacity_tokens, self.runner.num_blocks * self.runner.bytes_per_block / 2**30)
         from lamina.env import one_line_summary
-        log.info("%s", one_line_summary(device=self.runner.device, attention_backend=self.runner.attention_backend,
+        log.info("%s", one_line_summary(device=self.config.device, attention_backend=self.config.backend.name,
                                         execution=self.runner.execution))
 
     def wait_until_compiled(self, timeout: float | None = None) -> bool:

@@ -2,8 +2,8 @@
 
 `reference` is plain torch: the oracle of every test, and the CPU path where lamina's C++ kernels
 cannot be built (`lamina env` says why). `cpu` is `reference` with paged attention, SwiGLU and
-RMSNorm in C++ where they apply (the CPU default). `triton_ops`
-holds lamina's Triton kernels, used on CUDA. All three modules export the same five functions:
+RMSNorm in C++ where they apply (the CPU default). `triton_ops` holds lamina's Triton kernels, used
+on CUDA. All three modules export the same five functions:
 
     store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     paged_attention(q, k_cache, v_cache, attn_metadata, scale) -> out
@@ -11,18 +11,34 @@ holds lamina's Triton kernels, used on CUDA. All three modules export the same f
     rotary_embedding(q, k, positions, cos_sin_cache) -> (q, k)
     silu_and_mul(x) -> silu(x[..., :I]) * x[..., I:]
 
-`get_backend()` picks one: an explicit name, else $LAMINA_ATTENTION_BACKEND, else triton on
-CUDA, and on CPU cpu (or torch, where the C++ kernels are unavailable).
+`get_backend()` returns a `Backend`: one of these modules as the model's ops, plus what the
+engine's execution strategies may do with them. The runner asks the backend; it never tests which
+one it is. A new backend is a module with these five functions and one entry in `get_backend`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
 
+from lamina import envs
+
 BACKENDS = ("torch", "cpu", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str                    # as --attention-backend takes it
+    ops: ModuleType              # the five functions above
+    # torch.compile can trace its ops into a CPU step (Triton's interpreter, for one, cannot be traced)
+    compilable: bool
+    # the largest decode batch a compiled step may take (None: any); past it, steps run eagerly
+    compiled_decode_max_batch: int | None = None
+    # head sizes whose bf16 prefill and mixed steps compile (attention as one op); () for none
+    compiled_prefill_head_dims: tuple[int, ...] = ()
+    # decode steps can be captured in CUDA graphs (no host syncs inside)
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -50,24 +66,29 @@ class AttentionMetadata:
         return self.seq_lens.shape[0]
 
 
-def get_backend(name: str | None = None, device: torch.device | str = "cpu") -> ModuleType:
-    name = name or os.environ.get("LAMINA_ATTENTION_BACKEND") or _default_backend(torch.device(device))
+def get_backend(name: str | None = None, device: torch.device | str = "cpu") -> Backend:
+    """An explicit name, else $LAMINA_ATTENTION_BACKEND, else `default_backend_name(device)`."""
+    device = torch.device(device)
+    name = name or envs.attention_backend() or default_backend_name(device)
     if name == "torch":
         from lamina.kernels import reference
-        return reference
+        # larger decode batches are grouped by length in eager attention, which a graph cannot do
+        return Backend("torch", reference, compilable=device.type == "cpu",
+                       compiled_decode_max_batch=reference.GROUP_BY_LENGTH_MIN_BATCH - 1)
     if name == "cpu":
         from lamina.kernels import cpu
         if not cpu.load():
             raise RuntimeError("the cpu attention backend needs lamina's C++ kernels, which could not be loaded "
                                f"here: {cpu.load_error()}")
-        return cpu
+        return Backend("cpu", cpu, compilable=True, compiled_prefill_head_dims=cpu.PREFILL_HEAD_DIMS)
     if name == "triton":
         from lamina.kernels import triton_ops
-        return triton_ops
+        return Backend("triton", triton_ops, compilable=False, cuda_graphs=device.type == "cuda")
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _default_backend(device: torch.device) -> str:
+def default_backend_name(device: torch.device) -> str:
+    """triton on CUDA; on CPU cpu where lamina's C++ kernels load, else torch."""
     if device.type == "cuda":
         return "triton"
     from lamina.kernels import cpu

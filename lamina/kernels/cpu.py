@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from lamina import envs
 from lamina.kernels import reference
 
 log = logging.getLogger("lamina.kernels")
@@ -59,12 +60,12 @@ _DONE = "built.sha256"  # written into the build folder once the library is comp
 
 def compiler() -> str:
     """The C++ compiler cpp_extension runs: $CXX, else c++."""
-    return os.environ.get("CXX", "c++")
+    return envs.cxx()
 
 
 def unsupported_reason() -> str | None:
     """Why lamina's C++ kernels are not expected to build here, or None where they are."""
-    if os.environ.get("LAMINA_CPU_KERNELS", "") == "0":
+    if not envs.cpu_kernels_enabled():
         return "switched off by LAMINA_CPU_KERNELS=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"written and tested for x86-64 Linux (this is {platform.system()} {platform.machine()})"
@@ -86,7 +87,7 @@ def library(namespace: str = "lamina", march: str = "native") -> Path | None:
 
 def load_error(namespace: str = "lamina", march: str = "native") -> str | None:
     """Why load() returned False for these settings (None if it has not failed)."""
-    if namespace == "lamina" and os.environ.get("LAMINA_CPU_KERNELS", "") == "0":
+    if namespace == "lamina" and not envs.cpu_kernels_enabled():
         return "switched off by LAMINA_CPU_KERNELS=0"
     return _errors.get((namespace, march))
 
@@ -239,7 +240,7 @@ def _register_shapes(namespace: str) -> None:
 def load(namespace: str = "lamina", march: str = "native") -> bool:
     """Build (or find) and load the kernels into torch.ops.<namespace>; False if that failed (see
     load_error())."""
-    if namespace == "lamina" and os.environ.get("LAMINA_CPU_KERNELS", "") == "0":
+    if namespace == "lamina" and not envs.cpu_kernels_enabled():
         return False
     with _lock:
         if (namespace, march) not in _loaded:

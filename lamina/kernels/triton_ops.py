@@ -17,12 +17,12 @@ which is how the tests check them against `reference`.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from lamina import envs
 from lamina.kernels import AttentionMetadata
 from lamina.kernels.reference import silu_and_mul  # noqa: F401
 
@@ -47,7 +47,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _widen_dot(dtype: torch.dtype) -> bool:
     # The Triton interpreter multiplies bfloat16 tiles in tl.dot as their raw uint16 bits
     # (triton-lang/triton#11584), so under it bfloat16 tiles are widened to float32 first.
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return dtype == torch.bfloat16 and envs.triton_interpret()
 
 
 def _attention_launch_config(dtype: torch.dtype, block_d: int) -> dict:

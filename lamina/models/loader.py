@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from lamina.config import ModelConfig, ModelLoadError
-from lamina.kernels import get_backend
+from lamina.kernels import Backend, get_backend
 from lamina.models.llama import LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -58,13 +58,13 @@ def safetensors_files(model_dir: str) -> list[str]:
 
 
 def load_model(model_dir: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               backend: str | None = None, max_len: int | None = None) -> LlamaForCausalLM:
+               backend: Backend | str | None = None, max_len: int | None = None) -> LlamaForCausalLM:
     """Build the model straight at its final dtype and device, then fill it one checkpoint tensor at
     a time from memory-mapped safetensors, so two full copies of the weights never coexist."""
     cfg = ModelConfig.from_dir(model_dir)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device, cfg)
-    ops = get_backend(backend, device)
+    ops = (backend if isinstance(backend, Backend) else get_backend(backend, device)).ops
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype)
     try:

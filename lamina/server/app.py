@@ -7,7 +7,6 @@ import contextlib
 import functools
 import hmac
 import logging
-import os
 import signal
 import sys
 import time
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import unquote
 
+from lamina import envs
 from lamina.engine.errors import RequestError
 from lamina.server import openai_api as oai
 from lamina.server import prometheus
@@ -326,7 +326,7 @@ def settings_from_args(args: argparse.Namespace, engine_config) -> ServerSetting
     """ValueError for settings that cannot be served as given."""
     key = args.api_key
     if key is None:
-        key = os.environ.get("LAMINA_API_KEY")
+        key = envs.api_key()
         if key is not None and not key:
             raise ValueError("LAMINA_API_KEY is set but empty; unset it to serve without an API key")
     names = args.served_model_name or [engine_config.model]

@@ -3,7 +3,7 @@ steps compile in the background while the engine serves eagerly."""
 import pytest
 import torch
 
-from lamina.engine.model_runner import COMPILED_MAX_BATCH
+from lamina.kernels.reference import GROUP_BY_LENGTH_MIN_BATCH
 from lamina.sampling_params import SamplingParams
 from tests.engine.agreement import assert_greedy_agree
 from tests.engine.test_engine import make_engine as _make_engine
@@ -21,7 +21,7 @@ def make_engine(model_dir, **kw):
 
 @pytest.mark.slow
 def test_compiled_decode_matches_eager(tiny_model_dir):
-    # batches grow one sequence per step up to 20 (past COMPILED_MAX_BATCH: the torch backend's
+    # batches grow one sequence per step up to 20 (past the torch backend's compiled limit, its
     # eager path; the cpu backend compiles them all), then shrink as they finish; block tables grow
     # from 1 block to 7
     prompts = random_prompts(20, seed=11, lo=3, hi=90)
@@ -29,7 +29,7 @@ def test_compiled_decode_matches_eager(tiny_model_dir):
     eager = run(make_engine(tiny_model_dir, enforce_eager=True), prompts, params)
     compiled_engine = make_engine(tiny_model_dir, enforce_eager=False)
     compiled_steps = compiled_engine.runner.compiled
-    assert compiled_steps.decode is not None and COMPILED_MAX_BATCH < 20
+    assert compiled_steps.decode is not None and GROUP_BY_LENGTH_MIN_BATCH <= 20
     calls = count_step_calls(compiled_steps, "decode")
     # both graphs (batch 1; batches 2+) were built at start-up: serving must never compile again
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -37,9 +37,9 @@ def test_compiled_decode_matches_eager(tiny_model_dir):
         single = run(compiled_engine, prompts[:1], params)
     assert calls["calls"] > 0 and 1 in calls["sizes"]
     if compiled_steps.max_decode_batch is None:  # the cpu backend: larger batches compiled too
-        assert max(calls["sizes"]) > COMPILED_MAX_BATCH
+        assert max(calls["sizes"]) >= GROUP_BY_LENGTH_MIN_BATCH
     else:
-        assert max(calls["sizes"]) == COMPILED_MAX_BATCH
+        assert max(calls["sizes"]) == compiled_steps.max_decode_batch == GROUP_BY_LENGTH_MIN_BATCH - 1
     for a, b in zip(eager, compiled):
         assert_greedy_agree(a, b)
     assert_greedy_agree(eager[0], single[0])
@@ -76,7 +76,7 @@ def test_compiled_prefill_matches_eager_and_never_recompiles(tmp_path):
     # a 64-token budget: long prompts arrive in chunks, beside other sequences' decode rows
     engine = make_engine(model_dir, dtype="bfloat16", enforce_eager=False, max_num_batched_tokens=64)
     compiled_steps = engine.runner.compiled
-    if not engine.runner.cpu_ops:
+    if engine.config.backend.name != "cpu":
         pytest.skip("the cpu backend (lamina's C++ kernels) is not available here")
     assert compiled_steps.prefill is not None
     seen = {"calls": 0, "sizes": set()}

@@ -39,9 +39,10 @@ def test_padded_decode_buckets_match_unpadded(tiny_model_dir, backend):
     plain = run(make_engine(tiny_model_dir, attention_backend=backend), prompts, PARAMS, stagger=1)
     engine = make_engine(tiny_model_dir, attention_backend=backend)
     runner = engine.runner
-    runner.decode_graphs = DecodeGraphs(runner._step, max_batch=8, max_seq_len=engine.max_model_len,
-                                        block_size=runner.block_size, device=runner.device, capture=False)
-    calls = count_step_calls(runner.decode_graphs, "run")
+    graphs = DecodeGraphs(runner.model, max_batch=8, max_seq_len=engine.max_model_len,
+                          block_size=runner.block_size, device=runner.device, capture=False)
+    runner.strategies = [graphs]
+    calls = count_step_calls(graphs, "run")
     padded = run(engine, prompts, PARAMS, stagger=1)
     assert calls["sizes"] == set(range(1, 9))
     for a, b in zip(plain, padded):
@@ -71,7 +72,7 @@ def test_compile_flag_on_cuda_keeps_the_graphs(tiny_model_dir):
     """--compile is ignored on CUDA (Inductor could not build the Triton kernels inside the step):
     the engine still captures its decode graphs."""
     runner = make_engine(tiny_model_dir, enforce_eager=False, max_num_seqs=4).runner
-    assert runner.compiled_forward is None and sorted(runner.decode_graphs.graphs) == [1, 2, 4]
+    assert runner.compiled is None and sorted(runner.decode_graphs.graphs) == [1, 2, 4]
 
 
 @needs_cuda

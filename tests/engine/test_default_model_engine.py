@@ -42,7 +42,7 @@ def test_chunked_prefix_cached_and_preempted_agree(default_model_dir, prompts):
                   prompts[:8], longer, stagger=3)
     # ~40-token prompts grow past their third block while decoding: with 12 blocks, sequences
     # admitted on prompt blocks alone must later be preempted to let the older ones grow
-    tight_engine = make_engine(default_model_dir, num_gpu_blocks_override=12)
+    tight_engine = make_engine(default_model_dir, num_kv_blocks=12)
     tight = run(tight_engine, prompts[:8], longer)
     assert tight_engine.stats.num_preemptions_total > 0
     for a, b, c in zip(base, chunked, tight):

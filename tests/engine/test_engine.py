@@ -90,7 +90,7 @@ def test_preemption_keeps_tokens(tiny_model_dir):
     params = SamplingParams(max_tokens=40, temperature=0, logprobs=2, ignore_eos=True)
     ample = run(make_engine(tiny_model_dir), prompts, params)
     # 16 blocks of 16 tokens: room for only a few of these sequences at once
-    small = make_engine(tiny_model_dir, num_gpu_blocks_override=16)
+    small = make_engine(tiny_model_dir, num_kv_blocks=16)
     tight = run(small, prompts, params)
     assert small.stats.num_preemptions_total > 0
     for a, b in zip(ample, tight):
@@ -130,7 +130,7 @@ def test_requests_that_cannot_fit_are_refused(tiny_model_dir):
     with pytest.raises(ContextLengthExceeded):
         engine.add_request("b", {"prompt_token_ids": [1] * 128}, SamplingParams(max_tokens=None))
     # a cache smaller than the context shrinks the context, so any admitted request can finish
-    small = make_engine(tiny_model_dir, max_model_len=128, num_gpu_blocks_override=4)
+    small = make_engine(tiny_model_dir, max_model_len=128, num_kv_blocks=4)
     assert small.max_model_len == 64
     with pytest.raises(ContextLengthExceeded, match="maximum context length is 64 tokens"):
         small.add_request("c", {"prompt_token_ids": [1] * 60}, SamplingParams(max_tokens=10))

@@ -76,7 +76,7 @@ def test_prompt_logprobs_equal_with_caching_off(tiny_model_dir, case):
     else:
         # 5 blocks of 16: the long request is preempted by the ones admitted beside it and
         # recomputed from its start, prompt included
-        engine = make_engine(tiny_model_dir, num_gpu_blocks_override=6, max_num_batched_tokens=16)
+        engine = make_engine(tiny_model_dir, num_kv_blocks=6, max_num_batched_tokens=16)
         others = random_prompts(2, seed=9, lo=15, hi=15)
         outs = run(engine, [prompt, *others], SamplingParams(max_tokens=30, temperature=0, prompt_logprobs=2,
                                                                ignore_eos=True), stagger=1)

@@ -17,7 +17,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _model(backend: str, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(ModelConfig(**CFG), get_backend(backend, DEVICE), max_len=256)
+    model = LlamaForCausalLM(ModelConfig(**CFG), get_backend(backend, DEVICE).ops, max_len=256)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.2) if "norm" not in name else p.uniform_(0.5, 1.5)

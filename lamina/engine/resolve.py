@@ -1,0 +1,117 @@
+"""EngineConfig's "auto" values made concrete, once, at engine start.
+
+`resolve()` turns what the user asked for (EngineConfig, with its "auto"s and Nones) and the
+machine into a frozen ResolvedConfig: device, dtypes, kernel backend, how steps run, KV budget. The
+engine logs it once; nothing below it re-resolves a default or reads the environment. Each rule is
+a small function here, so `lamina env` reports exactly what an engine would choose.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lamina import envs
+from lamina.config import EngineConfig, ModelConfig
+from lamina.kernels import Backend, get_backend
+from lamina.models.loader import DTYPES, resolve_dtype
+
+log = logging.getLogger("lamina.engine")
+
+# 32 conversations of 2k tokens of SmolLM2-135M fit, even in float32
+DEFAULT_CPU_KV_BYTES = 4 << 30
+EAGER, COMPILED, CUDA_GRAPHS = "eager", "compiled", "cuda-graphs"
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """Every engine setting, concrete. Sizes that need the loaded model (the KV blocks, the context
+    the cache can hold) are settled by the engine right after, with dataclasses.replace."""
+    model: str                          # as the user named it
+    model_dir: str
+    device: torch.device
+    dtype: torch.dtype
+    kv_cache_dtype: torch.dtype
+    backend: Backend
+    execution: str                      # eager | compiled | cuda-graphs
+    execution_reason: str
+    quantization: str | None
+    max_model_len: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_cache_memory: int | None         # bytes; None on CUDA: what gpu_memory_utilization leaves
+    num_kv_blocks: int | None           # a fixed number of KV blocks (overrides kv_cache_memory)
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
+    num_threads: int | None
+    seed: int
+    log_stats_interval: float
+    profile_steps: bool
+
+    def summary(self) -> str:
+        return (f"device {self.device}, dtype {_name(self.dtype)}, KV cache {_name(self.kv_cache_dtype)}, "
+                f"attention {self.backend.name}, steps {self.execution} ({self.execution_reason}), "
+                f"quantization {self.quantization or 'none'}, context {self.max_model_len}, "
+                f"max {self.max_num_seqs} sequences / {self.max_num_batched_tokens} tokens a step, "
+                f"prefix caching {'on' if self.enable_prefix_caching else 'off'}")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_kv_cache_dtype(name: str, device: torch.device, backend: Backend, dtype: torch.dtype) -> torch.dtype:
+    """'auto': the model's dtype, except float32 on CPU with the torch backend, whose attention runs
+    several times faster on a float32 cache. The cpu backend's C++ attention reads bf16 directly
+    (half the bytes), and K/V come out of bf16 projections, so nothing is lost."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" and backend.name == "torch" else dtype
+    if name not in DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def resolve_execution(enforce_eager: bool | None, device: torch.device, backend: Backend) -> tuple[str, str]:
+    """How steps run, and why. On CPU, compiled steps (built in the background); on CUDA, CUDA
+    graphs of decode steps, which remove the launch overhead that compiling cuts on CPU (so
+    --compile is ignored there). --enforce-eager, or $LAMINA_ENFORCE_EAGER when neither flag is
+    given, turns both off; a backend that cannot run under a strategy says so here."""
+    if enforce_eager is None and envs.enforce_eager():
+        return EAGER, "$LAMINA_ENFORCE_EAGER is set"
+    if enforce_eager:
+        return EAGER, "--enforce-eager"
+    if device.type == "cuda":
+        if not backend.cuda_graphs:
+            return EAGER, f"the {backend.name} backend cannot be captured in CUDA graphs"
+        return CUDA_GRAPHS, "decode steps replay CUDA graphs"
+    if not backend.compilable:
+        return EAGER, f"torch.compile cannot trace the {backend.name} backend's kernels on {device.type}"
+    return COMPILED, "torch.compile'd in the background, eager until ready"
+
+
+def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> ResolvedConfig:
+    device = resolve_device(config.device)
+    backend = get_backend(config.attention_backend, device)
+    dtype = resolve_dtype(config.dtype, device, model_config)
+    execution, reason = resolve_execution(config.enforce_eager, device, backend)
+    if device.type == "cuda" and config.enforce_eager is False:
+        log.warning("--compile is ignored on CUDA: decode steps replay CUDA graphs instead")
+    kv_memory = config.kv_cache_memory
+    if kv_memory is None and device.type == "cpu":
+        kv_memory = DEFAULT_CPU_KV_BYTES
+    return ResolvedConfig(
+        model=config.model, model_dir=model_dir, device=device, dtype=dtype,
+        kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, device, backend, dtype),
+        backend=backend, execution=execution, execution_reason=reason, quantization=config.quantization,
+        max_model_len=config.max_model_len or model_config.max_position_embeddings,
+        block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_memory=kv_memory,
+        num_kv_blocks=config.num_kv_blocks, gpu_memory_utilization=config.gpu_memory_utilization,
+        enable_prefix_caching=config.enable_prefix_caching, num_threads=config.num_threads, seed=config.seed,
+        log_stats_interval=config.log_stats_interval, profile_steps=config.profile_steps)

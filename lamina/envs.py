@@ -1,0 +1,44 @@
+"""Every environment variable lamina reads, read here and nowhere else.
+
+Each is read when asked, not at import, so a test or a caller may set one before the engine starts.
+`lamina env` lists those set.
+
+    LAMINA_HOME               where models, converted GGUF files and built kernels live (~/.cache/lamina)
+    LAMINA_ENFORCE_EAGER      1: no compiled steps on CPU, no CUDA graphs (as --enforce-eager)
+    LAMINA_ATTENTION_BACKEND  torch | cpu | triton (as --attention-backend)
+    LAMINA_CPU_KERNELS        0: never build or load lamina's C++ CPU kernels
+    LAMINA_API_KEY            the server's API key when --api-key is not given
+    CXX                       the C++ compiler for the kernels (default c++)
+    TRITON_INTERPRET          1: Triton kernels run in Triton's interpreter (tests without a GPU)
+"""
+from __future__ import annotations
+
+import os
+
+def lamina_home() -> str:
+    home = os.environ.get("LAMINA_HOME")
+    return os.path.abspath(os.path.expanduser(home or os.path.join("~", ".cache", "lamina")))
+
+
+def enforce_eager() -> bool:
+    return os.environ.get("LAMINA_ENFORCE_EAGER", "") not in ("", "0")
+
+
+def attention_backend() -> str | None:
+    return os.environ.get("LAMINA_ATTENTION_BACKEND") or None
+
+
+def cpu_kernels_enabled() -> bool:
+    return os.environ.get("LAMINA_CPU_KERNELS", "") != "0"
+
+
+def api_key() -> str | None:
+    return os.environ.get("LAMINA_API_KEY")
+
+
+def cxx() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
