@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lamina import LLM, SamplingParams
-from lamina.kernels import cpu
 from tests.engine.agreement import assert_greedy_agree
 
 pytestmark = pytest.mark.slow
@@ -84,7 +83,7 @@ def test_int4_tracks_float32_at_least_as_closely_as_int8(runs):
     assert int4_top1 >= int8_top1 - 0.01 and int4_top1 > 0.93
 
 
-@pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build lamina's CPU kernels")
+@pytest.mark.usefixtures("cpu_kernels")
 def test_int8_kernel_is_as_close_to_float32_as_its_own_weights_dequantized(default_model_dir, texts, runs,
                                                                            monkeypatch):
     """int8's wider greedy tolerance (TOLERANCE above) is what its per-channel weights cost, not the

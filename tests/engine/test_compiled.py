@@ -63,6 +63,7 @@ def test_two_compiled_engines_in_one_process_keep_their_own_graphs(tiny_model_di
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cpu_kernels")
 def test_compiled_prefill_matches_eager_and_never_recompiles(tmp_path):
     """bf16 on the cpu backend: prefill and mixed steps run one compiled graph for every batch
     (single prompts padded with an empty sequence, chunks, decode rows alongside)."""
@@ -76,8 +77,7 @@ def test_compiled_prefill_matches_eager_and_never_recompiles(tmp_path):
     # a 64-token budget: long prompts arrive in chunks, beside other sequences' decode rows
     engine = make_engine(model_dir, dtype="bfloat16", enforce_eager=False, max_num_batched_tokens=64)
     compiled_steps = engine.runner.compiled
-    if engine.config.backend.name != "cpu":
-        pytest.skip("the cpu backend (lamina's C++ kernels) is not available here")
+    assert engine.config.backend.name == "cpu"
     assert compiled_steps.prefill is not None
     seen = {"calls": 0, "sizes": set()}
     inner = compiled_steps.prefill

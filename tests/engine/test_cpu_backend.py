@@ -3,11 +3,10 @@ one give the same greedy tokens (by the agreement rule)."""
 import pytest
 import torch
 
-from lamina.kernels import cpu
 from tests.engine.agreement import assert_greedy_agree
 from tests.engine.test_engine import make_engine, random_prompts, run
 
-pytestmark = pytest.mark.skipif(not cpu.load(), reason="no C++ compiler to build lamina's CPU kernels")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips only where no build is expected (conftest.py)
 
 
 def test_cpu_backend_keeps_a_bf16_cache_and_agrees_with_torch(tiny_model_dir):
