@@ -81,3 +81,38 @@ def test_bench_step_profile_script_runs(tiny_dir):
     # 3 prompts of 3 tokens: the last two tokens of each come from decode or mixed steps
     assert int(rows["decode"][0]) + int(rows["mixed"][0]) >= 2, out.stdout
     assert "one prefill step:" in out.stdout and "| op |" in out.stdout, out.stdout
+
+
+def test_bench_rounds_interleave_and_ratios_come_per_round():
+    """The bench harness: the order rotates each round, and a ratio is the median of per-round ratios."""
+    sys.path.insert(0, "bench")
+    try:
+        import common
+    finally:
+        sys.path.remove("bench")
+    seen = []
+    out = common.interleave(["a", "b", "c"], 3, lambda name, r: seen.append((r, name)) or r)
+    assert [n for _, n in seen] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert out == {"a": [0, 1, 2], "b": [0, 1, 2], "c": [0, 1, 2]}
+    # a drifting host: each round's ratio is 2 though the raw numbers move 4x
+    s = common.round_ratios([2.0, 4.0, 8.0], [1.0, 2.0, 4.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 2.0, 2.0, 3)
+    assert common.fmt_spread(common.round_ratios([3.0, 2.0, None], [1.0, 1.0, 1.0])) == "2.50x (2.00–3.00, 2 rounds)"
+    # transformers' batches are cut from the prompts sorted by length
+    prompts = [[0] * n for n in (5, 100, 6, 99)]
+    batches = common.batches_by_length(prompts, 2)
+    assert common.padded_tokens(prompts, batches) == 2 * 6 + 2 * 100 < common.padded_tokens(
+        prompts, common.batches_by_length(prompts, 2, sort=False))
+
+
+def test_bench_first_answer_smoke(tiny_dir, tmp_path):
+    """bench/first_answer.py launches a real `lamina serve` and reports its first answer."""
+    done = subprocess.run([sys.executable, "bench/first_answer.py", "--model", tiny_dir, "--quick",
+                           "--systems", "lamina-serve-warm", "--wait-idle", "0",
+                           "--json", str(tmp_path / "fa.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+    res = json.loads((tmp_path / "fa.json").read_text())
+    rounds = res["systems"]["lamina-serve-warm"]["rounds"]
+    assert rounds and rounds[0]["first_answer_s"] > 0

@@ -167,3 +167,15 @@ def wait_idle(port: int, timeout: float = 15.0, headers: dict | None = None) -> 
         if time.monotonic() > end:
             raise AssertionError(f"server not idle after {timeout}s: {m}")
         time.sleep(0.1)
+
+
+class Proxy:
+    """`inner` with some attributes replaced: an engine or tokenizer as the server sees it, with one
+    behaviour changed for a test."""
+
+    def __init__(self, inner, **overrides):
+        self._inner = inner
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)

@@ -11,19 +11,10 @@ import pytest
 
 from lamina.engine.errors import EngineDeadError
 from tests.server.conftest import start_app
-from tests.server.helpers import MODEL, Conn, http, request_bytes, sse_events
+from tests.server.helpers import MODEL, Conn, Proxy, http, request_bytes, sse_events
 
 MSGS = [{"role": "user", "content": "Hi"}]
 BIG_TEXT = "hello world, this is some text. " * ((3 << 20) // 32)   # 3 MiB: seconds of tokenizing
-
-
-class _Proxy:
-    def __init__(self, inner, **overrides):
-        self._inner = inner
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
 
 def _health_during(port: int, path: str, body: dict) -> tuple[int, int]:
@@ -108,9 +99,9 @@ def test_empty_api_key_is_an_error(monkeypatch, capsys):
     args = build_parser().parse_args(["serve"])
     monkeypatch.setenv("LAMINA_API_KEY", "")
     with pytest.raises(ValueError, match="LAMINA_API_KEY"):
-        settings_from_args(args, _Proxy(None, model=MODEL, max_num_seqs=4))
+        settings_from_args(args, Proxy(None, model=MODEL, max_num_seqs=4))
     monkeypatch.setenv("LAMINA_API_KEY", "k")
-    assert settings_from_args(args, _Proxy(None, model=MODEL, max_num_seqs=4)).api_keys == ("k",)
+    assert settings_from_args(args, Proxy(None, model=MODEL, max_num_seqs=4)).api_keys == ("k",)
 
 
 # -- nothing internal leaks ----------------------------------------------------------------------
@@ -130,7 +121,7 @@ def test_no_exception_text_in_500s(make_server, engine):
         raise RuntimeError(f"cannot read {secret}")
         yield  # an async generator, as the engine's is
 
-    srv = make_server(engine=_Proxy(engine, generate=failing_generate))
+    srv = make_server(engine=Proxy(engine, generate=failing_generate))
     body = {"model": MODEL, "messages": MSGS, "max_tokens": 2}
     r = http(srv.port, "POST", "/v1/chat/completions", body)
     assert r.status == 500 and secret not in r.body.decode() and r.json()["error"]["message"]
@@ -142,7 +133,7 @@ def test_no_exception_text_in_500s(make_server, engine):
         raise EngineDeadError(f"the engine failed: {secret}")
         yield
 
-    srv = make_server(engine=_Proxy(engine, generate=dead_generate))
+    srv = make_server(engine=Proxy(engine, generate=dead_generate))
     r = http(srv.port, "POST", "/v1/chat/completions", body)
     assert r.status >= 500 and secret not in r.body.decode()
 
@@ -167,13 +158,13 @@ def test_chat_template_errors_name_the_problem_without_internals(make_server, en
     """A template's own refusal (raise_exception) is the client's business; any other failure is not."""
     from lamina.tokenizer import ChatTemplateError
 
-    class Tok(_Proxy):
+    class Tok(Proxy):
         def apply_chat_template(self, messages, **kw):
             if messages[0]["content"] == "refuse":
                 raise ChatTemplateError("Conversation roles must alternate")
             raise KeyError("/internal/template/path")
 
-    srv = make_server(engine=_Proxy(engine, tokenizer=Tok(engine.tokenizer)))
+    srv = make_server(engine=Proxy(engine, tokenizer=Tok(engine.tokenizer)))
     r = http(srv.port, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "refuse"}]})
     assert r.status == 400 and "roles must alternate" in r.json()["error"]["message"]
     r = http(srv.port, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})

@@ -8,7 +8,7 @@ import pytest
 
 from lamina.engine.errors import ContextLengthExceeded, RequestError, context_length_exceeded
 from lamina.sampling_params import SamplingParams
-from tests.server.helpers import MODEL, Conn, http, request_bytes
+from tests.server.helpers import MODEL, Conn, Proxy, http, request_bytes
 
 MSGS = [{"role": "user", "content": "Hi"}]
 
@@ -68,23 +68,12 @@ def test_chat_bounds(server):
     assert r.status == 200
 
 
-class _Proxy:
-    """`inner` with some attributes replaced."""
-
-    def __init__(self, inner, **overrides):
-        self._inner = inner
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
 def test_token_ids_checked_against_the_logits_width(make_server, engine):
     """A tokenizer can know more ids than the model has logits (added tokens): ids beyond the
     logits' width must be refused, not crash the sampler."""
     width = engine.engine.model_config.vocab_size
-    big_tokenizer = _Proxy(engine.tokenizer, vocab_size=width + 1000)
-    srv = make_server(engine=_Proxy(engine, tokenizer=big_tokenizer))
+    big_tokenizer = Proxy(engine.tokenizer, vocab_size=width + 1000)
+    srv = make_server(engine=Proxy(engine, tokenizer=big_tokenizer))
     for extra, param in [({"logit_bias": {str(width + 10): 5}}, "logit_bias"),
                          ({"stop_token_ids": [width + 10], "min_tokens": 1}, "stop_token_ids")]:
         _assert_400(http(srv.port, "POST", "/v1/completions", _completion(**extra)), param)
