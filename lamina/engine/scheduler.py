@@ -88,9 +88,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and return its blocks."""
         if not self.running.discard(seq):

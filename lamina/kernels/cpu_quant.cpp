@@ -11,11 +11,11 @@
 // The min/offset terms take the rounded activations too (as llama.cpp does): the error is then
 // sum_k w_k e_k (e the activation's rounding error), half what the exact float sum would leave.
 //
-// Rounding x to one int8 adds ~0.5 % relative error to each output, which moved SmolLM2-135M's
-// logprobs measurably further from bf16 than torch's own int4/int8 kernels. So x is rounded to two
+// Rounding x to one int8 adds visible relative error to each output, which moves a model's logprobs
+// measurably further from bf16 than torch's own int4/int8 kernels (tests/test_accuracy.py). So x is rounded to two
 // int8 parts (split): q1 as above, then the remainder x - dx1 q1 the same way, x ~= dx1 q1 + dx2 q2
 // to ~16 bits. Both parts meet each weight load and are summed in registers; the second VPDPBUSD
-// hides under the memory stream at one row (~3 % slower), and costs more from 4 rows up.
+// hides under the memory stream at one row, and costs more from 4 rows up.
 //
 // Packed layouts: blocks of 16 output channels (one 512-bit lane each), each block its groups in
 // order, so a tile reads memory linearly.
@@ -38,9 +38,9 @@ constexpr int64_t kGroup = 32;          // input channels per activation scale (
 constexpr int64_t kBlock = 16;          // output channels per block
 constexpr int64_t kGrainBlocks = 4;     // blocks per parallel task, at least (64 channels)
 constexpr int kTileRows = 8;            // rows of quantized x per register tile, at most
-// Software prefetch into L2, this far ahead in each weight stream. With 2 cores the hardware
-// prefetchers alone left a decode GEMV at ~23 GB/s of DRAM; this gave 8-12 % (one row, weights out
-// of cache; prefetching into L1 instead was slower).
+// Software prefetch into L2, this far ahead in each weight stream: with few cores the hardware
+// prefetchers alone leave a decode GEMV short of DRAM bandwidth (prefetching into L1 instead is
+// slower). bench/gemv.py measures it, weights out of cache.
 constexpr int64_t kPrefetchBytes = 2560;
 
 template <int Bits>
@@ -220,9 +220,8 @@ void tile(const uint8_t* w, const TileArgs& a, T* y) {
 }
 
 // One to three rows: 4 blocks per tile, so a single row has 4 independent chains (and prefetch
-// streams). From 4 rows the tile is compute-bound and 1 block was fastest (int4, measured NB 1-4 per
-// row count, 2 threads, K 576 and 1536: NB 4 beat NB 1 by ~10 % at one row; NB 1 beat NB 2 by 5-25 %
-// from 4 rows).
+// streams). From 4 rows the tile is compute-bound and 1 block is fastest (bench/gemv.py, NB 1-4 per
+// row count).
 constexpr int blocks_for(int rows) { return rows <= 3 ? 4 : 1; }
 
 template <int Bits, int R, bool Split, typename T>

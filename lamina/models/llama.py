@@ -93,20 +93,29 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
+class SiluAndMul(nn.Module):
+    """[T, 2I] -> silu(x[:, :I]) * x[:, I:], by the backend's op."""
+
+    def __init__(self, ops: ModuleType):
+        super().__init__()
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.silu_and_mul(x)
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul. Where the
+    gate/up layer applies the activation itself (a fused GEMM chosen at load), `act` is an identity."""
 
     def __init__(self, cfg: ModelConfig, ops: ModuleType):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.act = SiluAndMul(ops)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.gate_up_proj(x)
-        if not getattr(self.gate_up_proj, "fuses_swiglu", False):  # lamina's CPU GEMM applies it itself
-            h = self.ops.silu_and_mul(h)
-        return self.down_proj(h)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -163,9 +172,6 @@ class LlamaForCausalLM(nn.Module):
             x, residual = x[md.logits_indices], residual[md.logits_indices]
         x, _ = self.norm(x, residual)
         return self.lm_head(x).float()
-
-    def kv_caches(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-        return [(layer.self_attn.k_cache, layer.self_attn.v_cache) for layer in self.layers]
 
     def bind_kv_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         for layer, k, v in zip(self.layers, k_caches, v_caches):

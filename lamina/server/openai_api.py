@@ -1,6 +1,6 @@
 """OpenAI request bodies -> validated requests with SamplingParams; engine outputs -> OpenAI shapes.
 
-Validation follows shared/docs/openai-api.md: unknown fields are ignored, `null` means "default",
+Validation follows what OpenAI's API and its official client do: unknown fields are ignored, `null` means "default",
 wrong types or values are a 400 naming the parameter, and fields whose meaning would be lost if
 ignored (tools, non-text response formats, image/audio parts, suffix, best_of) are a clear 400.
 """

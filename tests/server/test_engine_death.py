@@ -12,7 +12,8 @@ import urllib.request
 
 from lamina.config import EngineConfig
 from lamina.engine.async_engine import AsyncEngine
-from lamina.server.app import ServerSettings, serve
+from lamina.server.app import ServerSettings
+from lamina.server.launch import serve
 from tests.utils import save_tiny_hf_model
 
 

@@ -95,7 +95,7 @@ def test_empty_api_key_is_an_error(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["serve", "--api-key", ""])
     assert e.value.code == 2 and "api-key" in capsys.readouterr().err
-    from lamina.server.app import settings_from_args
+    from lamina.server.launch import settings_from_args
     args = build_parser().parse_args(["serve"])
     monkeypatch.setenv("LAMINA_API_KEY", "")
     with pytest.raises(ValueError, match="LAMINA_API_KEY"):
