@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import types
@@ -25,6 +26,8 @@ import torch
 from lamina.kernels import AttentionMetadata
 
 log = logging.getLogger("lamina.engine")
+
+SERVING_SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 0.005
 
 
 class CompiledSteps:
@@ -93,8 +96,14 @@ class CompiledSteps:
 
     # -- building ----------------------------------------------------------------------------------
     def _build(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        background = threading.current_thread() is not threading.main_thread()
+        if background:
             _lower_thread_priority()
+            # Tracing holds the GIL for long stretches, and a serving thread that gave it up inside
+            # a torch op waits up to one switch interval to get it back: hundreds of ops a step
+            # would each wait. A short interval while compiling keeps eager steps near full speed.
+            switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(switch_interval, SERVING_SWITCH_INTERVAL))
         start = time.perf_counter()
         what = "decode and prefill steps" if self.compile_prefill else "decode step"
         log.info("compiling the %s with torch.compile in the background; serving eagerly meanwhile "
@@ -113,6 +122,8 @@ class CompiledSteps:
             self.error = e
             log.error("compiling the %s failed; serving eagerly: %s", what, e, exc_info=True)
         finally:
+            if background:
+                sys.setswitchinterval(switch_interval)
             self.done.set()
 
     def _compile(self, method, cpp_wrapper: bool = False):
