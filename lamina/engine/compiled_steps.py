@@ -27,7 +27,7 @@ from lamina.kernels import AttentionMetadata
 
 log = logging.getLogger("lamina.engine")
 
-SERVING_SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 0.005
+SERVING_SWITCH_INTERVAL = 0.00005  # seconds; CPython's default is 0.005
 
 
 class CompiledSteps:

@@ -269,7 +269,7 @@ from lamina.kernels.reference import rotary_embedding, store_kv_cache  # noqa: E
 
 def _eager_bf16(x: torch.Tensor) -> bool:
     """The C++ elementwise ops serve eager steps; a compiled step fuses torch's own."""
-    return x.dtype == torch.bfloat16 and x.dim() == 2 and not torch.compiler.is_compiling()
+    return x.dtype == torch.bfloat16 and x.dim() == 2 and not torch.compiler.is_dynamo_compiling()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

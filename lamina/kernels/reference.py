@@ -13,7 +13,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     num_kv_heads, head_dim = k_cache.shape[-2:]
     # the check reads a value back (a sync); compiled decode steps skip it, as lamina's engine
     # never pads the batches it compiles
-    if not torch.compiler.is_compiling() and bool((slot_mapping < 0).any()):
+    if not torch.compiler.is_dynamo_compiling() and bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     # index_put_ (not index_copy_): torch.compile updates it in place instead of copying the cache
@@ -75,7 +75,7 @@ GROUP_BY_LENGTH_MIN_BATCH = 16
 def _decode_attention(q, k_cache, v_cache, md: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
     """One new token per sequence. Gathering pads every sequence to the longest, so a large
     batch of mixed lengths is split into groups of similar length first (eager mode only)."""
-    if not torch.compiler.is_compiling() and md.num_seqs >= GROUP_BY_LENGTH_MIN_BATCH:
+    if not torch.compiler.is_dynamo_compiling() and md.num_seqs >= GROUP_BY_LENGTH_MIN_BATCH:
         lens = md.seq_lens.tolist()
         order = sorted(range(len(lens)), key=lens.__getitem__)
         groups, start = [], 0

@@ -55,3 +55,21 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(RuntimeError, match="residual must be bfloat16"):
         torch.ops.lamina.add_rms_norm(torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(2, 4),
                                       torch.ones(4, dtype=torch.bfloat16), 1e-5)
+
+
+def test_a_compile_on_another_thread_leaves_eager_steps_alone(monkeypatch):
+    """Steps run eagerly while their graphs compile on a background thread. torch's is_compiling()
+    is a process-wide flag, set for the whole trace: the backend's eager/compiled choice must not
+    read it, or eager steps on the serving thread would leave the C++ ops for the reference's."""
+    import torch.compiler
+    g = torch.Generator().manual_seed(1)
+    x, res = (torch.randn(5, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    w = torch.rand(64, generator=g).to(torch.bfloat16)
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)   # another thread is tracing
+    assert torch.compiler.is_compiling()
+    for got, want in zip(cpu.rms_norm(x, w, 1e-5, res), torch.ops.lamina.add_rms_norm(x, res, w, 1e-5)):
+        assert torch.equal(got, want)
+    calls = []
+    monkeypatch.setattr(reference, "silu_and_mul", lambda t: calls.append(t) or t)
+    cpu.silu_and_mul(torch.cat([x, res], dim=1))
+    assert not calls
