@@ -39,10 +39,6 @@ class ModelRunner:
         self.device = config.device
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
-        # Each thread has its own OpenMP thread count, and steps may run on another thread than
-        # this one (AsyncEngine's): forward() sets it there.
-        self.num_threads = torch.get_num_threads()
-        self._step_threads: int | None = None
         self.model = load_model(config.model_dir, config.dtype, self.device, config.backend, config.max_model_len)
         from lamina.models.quant import quantize_model, use_cpu_gemm
         if config.quantization:
@@ -165,22 +161,10 @@ class ModelRunner:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """Logits [len(md.logits_indices), vocab] (float32). On CUDA a pure-decode batch replays a
         captured graph, whose output tensor the next step overwrites."""
-        if self.device.type == "cpu":
-            self._set_step_threads()
         for strategy in self.strategies:
             if strategy.fits(md):
                 return strategy.run(input_ids, positions, md)
         return self.model(input_ids, positions, md)
-
-    def _set_step_threads(self) -> None:
-        """The step's OpenMP threads, on the calling thread. While the steps compile in the
-        background, the compiler keeps a core busy: a step then takes one thread fewer, since an
-        OpenMP thread waiting for a busy core stalls every parallel region of the step."""
-        compiling = self.compiled is not None and not self.compiled.done.is_set()
-        threads = max(1, self.num_threads - 1) if compiling else self.num_threads
-        if threads != self._step_threads or torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-            self._step_threads = threads
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
