@@ -234,7 +234,7 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             done = seq.num_computed_tokens + n == len(seq)
             r = list(self._prompt_rows(seq, n))
-            if done and (not r or r[-1] != n - 1):
+            if done:   # prompt rows end before the last prompt token, so n - 1 is never among them
                 r.append(n - 1)
             rows.append(np.asarray(r, dtype=np.int64))
             samplers.append(done)
