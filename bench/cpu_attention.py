@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import median_seconds  # noqa: E402
-from lamina.kernels import cpu  # noqa: E402
+from lamina.kernels import cpu_build  # noqa: E402
 
 
 def median_ms(fn, rounds: int) -> float:
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
-    if not cpu.load():
+    if not cpu_build.load():
         sys.exit("lamina's CPU kernels could not be built here (see the warning above)")
     heads, kv_heads, head_dim = map(int, args.heads.split(","))
     print(f"torch {torch.__version__}; {heads} query heads, {kv_heads} KV heads, head_dim {head_dim}, "

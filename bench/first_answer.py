@@ -194,7 +194,7 @@ def run_first_answer(model: str, systems: list[str], rounds: int = 3, full_speed
                      deadline: float = 900, full_speed_timeout: float = 1800, threads: int | None = None) -> dict:
     hf_dir = model_dir(model)  # pulled (and converted) now, outside every measurement
     # lamina's C++ kernels are built once per machine: build them now too, so no launch pays for it
-    built = subprocess.run([sys.executable, "-c", "from lamina.kernels import cpu; print(bool(cpu.load()))"],
+    built = subprocess.run([sys.executable, "-c", "from lamina.kernels import cpu_build; print(bool(cpu_build.load()))"],
                            capture_output=True, text=True, cwd=REPO_DIR,
                            env=dict(os.environ, PYTHONPATH=REPO_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")))
     log(f"first answer: lamina's C++ kernels loaded: {built.stdout.strip() or built.stderr.strip()[-300:]}")

@@ -1,14 +1,18 @@
 """CPU GEMV/GEMM benchmark: lamina's C++ kernels (cpu_ops.cpp, cpu_quant.cpp) against torch's ops on
 the same weights, for a model's layer shapes, per row count (decode batch sizes, up to prefill).
 
-- bf16 lamina: torch.ops.lamina.bf16_packed_linear on the weight packed once by quant.pack_bf16 (what
-  quant.Bf16Linear runs for every row count); bf16 torch: nn.functional.linear on the [N, K] weight.
-- int8 lamina: torch.ops.lamina.int8_packed_linear (quant.pack_int8); int8 torch:
+- bf16 lamina: torch.ops.lamina.bf16_packed_linear on the weight packed once by layers.linear.pack_bf16;
+  bf16 torch: nn.functional.linear on the [N, K] weight (oneDNN; on AMX where the OS grants it).
+- int8 lamina: torch.ops.lamina.int8_packed_linear (layers.quant.pack_int8); int8 torch:
   torch._weight_int8pack_mm; int8 dequant+bf16: dequantize the weight, then torch's bf16 matmul.
-  quant.Int8Linear switches from the first to the last at INT8_DEQUANT_MIN_ROWS, read off this table.
-- int4 lamina: torch.ops.lamina.int4_packed_linear (quant.pack_int4, Q4_1's grid); int4 torch:
+- int4 lamina: torch.ops.lamina.int4_packed_linear (layers.quant.pack_int4, Q4_1's grid); int4 torch:
   torch's own packed int4 kernel (_weight_int4pack_mm_for_cpu) on the same codes; int4
-  dequant+bf16 as for int8 (INT4_DEQUANT_MIN_ROWS).
+  dequant+bf16 as for int8.
+The engine picks among these per row class by measuring them at start (kernels/dispatch.py); this
+table is the full sweep. First, this machine's limits: torch's bf16 and int8 matmul peaks (a large
+square product, through oneDNN, so on AMX where granted) and the memory read bandwidth; after each
+shape, lamina's bf16 GEMM as a fraction of them (prefill rows against the peak, one row against
+the bandwidth).
 
 Each case runs over `--layers` copies of the weight, so the weights come from memory as they do in a
 real decode step, not from the cache. A/B rounds alternate the ops, and each cell is the median of
@@ -32,8 +36,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import median  # noqa: E402  (also puts the repository on sys.path)
-from lamina.kernels import cpu  # noqa: E402
-from lamina.models.quant import pack_bf16, pack_int4, pack_int8, quantize_int4  # noqa: E402
+from lamina.kernels import cpu_build  # noqa: E402
+from lamina.layers.linear import pack_bf16  # noqa: E402
+from lamina.layers.quant import pack_int4, pack_int8, quantize_int4  # noqa: E402
 
 # Above this many rows the ops are compute-bound, and each row count runs over proportionally fewer
 # weight copies (at least 2), so prefill row counts take about as long as this one
@@ -67,6 +72,30 @@ def candidates(weight: torch.Tensor) -> dict:
     }
 
 
+def machine_limits(rounds: int = 5) -> dict[str, float]:
+    """torch's bf16 and int8 matmul peaks (GFLOP/s, GOP/s) on a 2048-cube, and the memory read
+    bandwidth (GB/s, summing 512 MiB): medians of `rounds`."""
+    def best_of(fn, work):
+        fn()
+        samples = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            samples.append(work / (time.perf_counter() - start) / 1e9)
+        return median(samples)
+    n = 2048
+    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    limits = {"bf16 GFLOP/s": best_of(lambda: a @ b, 2 * n ** 3)}
+    a8 = torch.randint(-64, 64, (n, n), dtype=torch.int8)
+    try:
+        limits["int8 GOP/s"] = best_of(lambda: torch._int_mm(a8, a8), 2 * n ** 3)
+    except (RuntimeError, AttributeError):
+        pass   # no int8 matmul for CPU in this torch
+    big = torch.ones(128 << 20)      # 512 MiB of float32
+    limits["read GB/s"] = best_of(lambda: big.sum(), big.numel() * 4)
+    return limits
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", action="append", help="KxN (input x output features); default: SmolLM2-135M's")
@@ -75,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    if not cpu.load():
+    if not cpu_build.load():
         print("lamina's CPU kernels are unavailable here (no C++ compiler?): nothing to compare")
         return 0
     torch.set_num_threads(args.threads)
@@ -83,8 +112,13 @@ def main(argv=None) -> int:
     for k, n in shapes:
         if n % 64 or k % 32:
             ap.error(f"--shape {k}x{n}: the packed kernels take N a multiple of 16 (torch's int4: 64) and K of 32")
-    print(f"threads {args.threads}, torch {torch.__version__}, {args.layers} weight copies per case "
-          f"(fewer above {FULL_COPIES_MAX_ROWS} rows); us per call (GB/s of weights)")
+    from lamina.env import cpu_model
+    from lamina.kernels.cpu_features import amx
+    limits = machine_limits(args.rounds)
+    print(f"CPU {cpu_model()}, AMX {'granted' if amx().granted else 'no'} ({amx().reason}), threads {args.threads}, "
+          f"torch {torch.__version__}")
+    print("limits: " + ", ".join(f"{name} {value:.0f}" for name, value in limits.items()))
+    print(f"weight copies per case: {args.layers} (fewer above {FULL_COPIES_MAX_ROWS} rows); us per call (GB/s of weights)")
     for k, n in shapes:
         copies = [candidates(torch.randn(n, k).bfloat16() * 0.02) for _ in range(args.layers)]
         names = list(copies[0])
@@ -106,6 +140,14 @@ def main(argv=None) -> int:
                 t = median(times[name])
                 cells.append(f"{t * 1e6:.1f} ({copies[0][name][0] / t / 1e9:.1f})")
             print(f"{m:4d}  " + "  ".join(f"{c:>20}" for c in cells), flush=True)
+            lamina = median(times["bf16 lamina"])
+            if m == 1:
+                gbs = 2 * n * k / lamina / 1e9
+                print(f"      -> bf16 lamina at 1 row: {gbs:.1f} GB/s, {gbs / limits['read GB/s']:.0%} of the read bandwidth")
+            elif m == max(int(r) for r in args.rows.split(",")):
+                gflops = 2 * m * n * k / lamina / 1e9
+                print(f"      -> bf16 lamina at {m} rows: {gflops:.0f} GFLOP/s, "
+                      f"{gflops / limits['bf16 GFLOP/s']:.0%} of torch's bf16 peak")
     return 0
 
 

@@ -4,6 +4,8 @@
     system        OS, CPU model and the flags lamina's kernels use, C++ compiler, CUDA devices
     fast paths    each with yes/no and why: lamina's C++ kernels, the attention backend that would be
                   chosen, compiled steps (CPU) or CUDA graphs (CUDA)
+    dispatch      which implementation serves each op and shape class, as measured on this machine
+                  (kernels/dispatch.py), from the cache the engines here have filled
     environment   the variables that change what lamina does (secrets redacted)
 
 `fast_paths(device)` and `one_line_summary(...)` are the same facts for code: the engine logs the
@@ -70,8 +72,8 @@ def cpu_flags() -> dict[str, bool]:
 
 def compiler_version() -> str:
     """The C++ compiler lamina builds its kernels with ($CXX, else c++) and its --version line."""
-    from lamina.kernels import cpu
-    name = cpu.compiler()
+    from lamina.kernels import cpu_build
+    name = cpu_build.compiler()
     path = shutil.which(name)
     if path is None:
         return f"none ({name!r} not found on PATH)"
@@ -97,14 +99,14 @@ def fast_paths(device: torch.device | str = "cpu") -> list[tuple[str, bool, str]
     """(name, yes/no, why) for each of lamina's fast paths on `device`, by the rules an engine
     resolves its config with (engine/resolve.py). Loads (and if need be builds) the C++ kernels on CPU."""
     from lamina.engine.resolve import COMPILED, CUDA_GRAPHS, resolve_execution
-    from lamina.kernels import cpu, get_backend
+    from lamina.kernels import cpu_build, get_backend
     device = torch.device(device)
     paths = []
     if device.type == "cpu":
-        if cpu.load():
-            paths.append(("C++ kernels", True, f"loaded from {cpu.library()}"))
+        if cpu_build.load():
+            paths.append(("C++ kernels", True, f"loaded from {cpu_build.library()}"))
         else:
-            paths.append(("C++ kernels", False, cpu.load_error() or cpu.unsupported_reason() or "not loaded"))
+            paths.append(("C++ kernels", False, cpu_build.load_error() or cpu_build.unsupported_reason() or "not loaded"))
     else:
         paths.append(("C++ kernels", False, f"for CPU only (device is {device.type})"))
 
@@ -140,18 +142,41 @@ def one_line_summary(*, device: torch.device | str, attention_backend: str, exec
     C++ kernels: yes, attention: cpu, steps: compiled`. The caller passes what it resolved
     (`execution`: e.g. "compiled", "eager", "CUDA graphs"); `cpu_kernels` None asks kernels.cpu (which
     builds them if no one has yet)."""
-    from lamina.kernels import cpu
+    from lamina.kernels import cpu_build
     device = torch.device(device)
     flags = " ".join(_SHORT[f] for f, have in cpu_flags().items() if have and f in _SHORT)
-    cpu_part = f"CPU {cpu_model()} ({torch.get_num_threads()} threads{'; ' + flags if flags else ''})"
+    from lamina.kernels.cpu_features import amx
+    if amx().granted:
+        flags += " amx(granted)"
+    cpu_part = f"CPU {cpu_model()} ({torch.get_num_threads()} threads{'; ' + flags.strip() if flags.strip() else ''})"
     parts = [f"lamina {lamina_version()}", f"torch {torch.__version__}", f"Python {platform.python_version()}", cpu_part]
     if device.type == "cuda":
         parts.append(f"GPU {torch.cuda.get_device_name(device)}")
     if device.type == "cpu":
-        loaded = cpu.load() if cpu_kernels is None else cpu_kernels
+        loaded = cpu_build.load() if cpu_kernels is None else cpu_kernels
         parts.append(f"C++ kernels: {'yes' if loaded else 'no'}")
     parts += [f"attention: {attention_backend}", f"steps: {execution}"]
     return ", ".join(parts)
+
+
+def dispatch_rows() -> list[tuple[str, str]]:
+    """What the dispatch cache of this machine (CPU, threads, versions) holds: for each op and shape
+    measured, the implementation chosen per class and the times that chose it."""
+    from lamina.kernels import dispatch
+    path = dispatch.cache_path()
+    rows = [("cache", f"{path} ({'exists' if path.exists() else 'none yet: the first engine start measures'})")]
+    if envs.dispatch():
+        rows.append(("$LAMINA_DISPATCH", envs.dispatch()))
+    if not envs.autotune():
+        rows.append(("$LAMINA_AUTOTUNE", "0: nothing measured; lamina's kernels where they load"))
+    for name, classes in sorted(dispatch.read_cache(path).items()):
+        default = dispatch.default_plan(name.split()[0], tuple(next(iter(classes.values()))))
+        cells = []
+        for cls, times in classes.items():
+            best = dispatch.choose(times, getattr(default, cls, "lamina"))
+            cells.append(f"{cls} {best} ({', '.join(f'{i} {s * 1e6:.0f} us' for i, s in sorted(times.items()))})")
+        rows.append((name, "; ".join(cells)))
+    return rows
 
 
 def _environment() -> list[tuple[str, str]]:
@@ -167,6 +192,7 @@ def report(device: torch.device | str | None = None) -> str:
     """The whole report, as `lamina env` prints it."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from lamina.kernels.cpu_features import amx
     device = torch.device(device)
     torch_build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
     sections: list[tuple[str, list[tuple[str, str]]]] = [
@@ -176,10 +202,12 @@ def report(device: torch.device | str | None = None) -> str:
         ("system", [("OS", platform.platform()),
                     ("CPU", f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch uses {torch.get_num_threads()} threads"),
                     ("CPU flags", ", ".join(f"{CPU_FLAGS[f]} {'yes' if have else 'no'}" for f, have in cpu_flags().items())),
+                    ("AMX", f"{'yes' if amx().granted else 'no'}: {amx().reason}"),
                     ("C++ compiler", compiler_version()),
                     ("CUDA devices", "; ".join(cuda_devices()) or "none")]),
         (f"fast paths (device {device})",
          [(name, f"{'yes' if ok else 'no':<3}  {why}") for name, ok, why in fast_paths(device)]),
+        ("dispatch (kernels/dispatch.py)", dispatch_rows() if device.type == "cpu" else [("(CPU only)", "")]),
         ("environment", _environment() or [("(none set)", "")]),
     ]
     width = max(len(k) for _, rows in sections for k, _ in rows) + 2

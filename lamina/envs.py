@@ -7,6 +7,9 @@ Each is read when asked, not at import, so a test or a caller may set one before
     LAMINA_ENFORCE_EAGER      1: no compiled steps on CPU, no CUDA graphs (as --enforce-eager)
     LAMINA_ATTENTION_BACKEND  torch | cpu | triton (as --attention-backend)
     LAMINA_CPU_KERNELS        0: never build or load lamina's C++ CPU kernels
+    LAMINA_DISPATCH           which implementation serves an op: op=impl or op.class=impl, comma-separated
+                              (kernels/dispatch.py; e.g. bf16_linear.prefill=torch,attention=lamina)
+    LAMINA_AUTOTUNE           0: do not measure the kernels on first start; take lamina's where they load
     LAMINA_API_KEY            the server's API key when --api-key is not given
     CXX                       the C++ compiler for the kernels (default c++)
     TRITON_INTERPRET          1: Triton kernels run in Triton's interpreter (tests without a GPU)
@@ -30,6 +33,14 @@ def attention_backend() -> str | None:
 
 def cpu_kernels_enabled() -> bool:
     return os.environ.get("LAMINA_CPU_KERNELS", "") != "0"
+
+
+def dispatch() -> str | None:
+    return os.environ.get("LAMINA_DISPATCH") or None
+
+
+def autotune() -> bool:
+    return os.environ.get("LAMINA_AUTOTUNE", "") != "0"
 
 
 def api_key() -> str | None:

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from lamina import env
-from lamina.kernels import cpu
+from lamina.kernels import cpu_build
 
 
 def test_python_m_lamina_env_prints_every_section():
@@ -24,7 +24,7 @@ def test_python_m_lamina_env_prints_every_section():
     rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in out.splitlines()
                 if line.startswith("  ") and re.search(r"\S\s{2,}\S", line))
     assert rows["torch"].startswith(torch.__version__) and "AVX512-BF16" in rows["CPU flags"]
-    if cpu.expected_to_build():  # x86-64 Linux with a compiler: the kernels must load, and say so
+    if cpu_build.expected_to_build():  # x86-64 Linux with a compiler: the kernels must load, and say so
         assert rows["C++ kernels"].startswith("yes "), out
         assert rows["attention backend"].startswith("yes  cpu:"), out
     assert "s3cret" not in out and "LAMINA_API_KEY" in out   # set, and hidden
@@ -35,9 +35,9 @@ def test_fast_paths_and_one_line_summary(monkeypatch):
     assert [name for name, _, _ in paths] == ["C++ kernels", "attention backend", "compiled steps", "CUDA graphs"]
     assert all(isinstance(ok, bool) and why for _, ok, why in paths)
     kernels = paths[0][1]
-    assert kernels == cpu.load()
+    assert kernels == cpu_build.load()
     if not kernels:
-        assert paths[0][2] == (cpu.load_error() or cpu.unsupported_reason())
+        assert paths[0][2] == (cpu_build.load_error() or cpu_build.unsupported_reason())
     # on CUDA (described without touching a GPU): Triton attention, CUDA graphs rather than compiled steps
     monkeypatch.delenv("LAMINA_ATTENTION_BACKEND", raising=False)
     monkeypatch.delenv("LAMINA_ENFORCE_EAGER", raising=False)

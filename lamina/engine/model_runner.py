@@ -13,6 +13,7 @@ from lamina.engine.cuda_graphs import DecodeGraphs
 from lamina.engine.resolve import COMPILED, CUDA_GRAPHS, ResolvedConfig
 from lamina.engine.scheduler import ScheduledBatch
 from lamina.kernels import AttentionMetadata
+from lamina.layers import build_linears
 from lamina.models.loader import load_model
 
 log = logging.getLogger("lamina.engine")
@@ -40,10 +41,7 @@ class ModelRunner:
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model = load_model(config.model_dir, config.dtype, self.device, config.backend, config.max_model_len)
-        from lamina.models.quant import quantize_model, use_cpu_gemm
-        if config.quantization:
-            quantize_model(self.model, config.quantization)
-        use_cpu_gemm(self.model)  # what is left in bf16 on CPU
+        build_linears(self.model, config.quantization, config.kernel_plan, self.device)
         self.dtype = config.dtype
         self.kv_dtype = config.kv_cache_dtype
         self.block_size = config.block_size

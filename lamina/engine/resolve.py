@@ -14,7 +14,9 @@ import torch
 
 from lamina import envs
 from lamina.config import EngineConfig, ModelConfig
+from lamina.engine.autotune import plan_for
 from lamina.kernels import Backend, get_backend
+from lamina.kernels.dispatch import KernelPlan
 from lamina.models.loader import DTYPES, resolve_dtype
 
 log = logging.getLogger("lamina.engine")
@@ -34,6 +36,7 @@ class ResolvedConfig:
     dtype: torch.dtype
     kv_cache_dtype: torch.dtype
     backend: Backend
+    kernel_plan: KernelPlan             # which implementation serves each op and shape (measured)
     execution: str                      # eager | compiled | cuda-graphs
     execution_reason: str
     quantization: str | None
@@ -53,6 +56,7 @@ class ResolvedConfig:
     def summary(self) -> str:
         return (f"device {self.device}, dtype {_name(self.dtype)}, KV cache {_name(self.kv_cache_dtype)}, "
                 f"attention {self.backend.name}, steps {self.execution} ({self.execution_reason}), "
+                f"kernels {self.kernel_plan.summary()}, "
                 f"quantization {self.quantization or 'none'}, context {self.max_model_len}, "
                 f"max {self.max_num_seqs} sequences / {self.max_num_batched_tokens} tokens a step, "
                 f"prefix caching {'on' if self.enable_prefix_caching else 'off'}")
@@ -99,6 +103,9 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
     device = resolve_device(config.device)
     backend = get_backend(config.attention_backend, device)
     dtype = resolve_dtype(config.dtype, device, model_config)
+    kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, device, backend, dtype)
+    plan = plan_for(model_config, dtype, kv_dtype, config.quantization, backend.name, device)
+    backend = get_backend(backend.name, device, attention=plan.attention)
     execution, reason = resolve_execution(config.enforce_eager, device, backend)
     if device.type == "cuda" and config.enforce_eager is False:
         log.warning("--compile is ignored on CUDA: decode steps replay CUDA graphs instead")
@@ -107,8 +114,7 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
         kv_memory = DEFAULT_CPU_KV_BYTES
     return ResolvedConfig(
         model=config.model, model_dir=model_dir, device=device, dtype=dtype,
-        kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, device, backend, dtype),
-        backend=backend, execution=execution, execution_reason=reason, quantization=config.quantization,
+        kv_cache_dtype=kv_dtype, backend=backend, kernel_plan=plan, execution=execution, execution_reason=reason, quantization=config.quantization,
         max_model_len=config.max_model_len or model_config.max_position_embeddings,
         block_size=config.block_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_memory=kv_memory,

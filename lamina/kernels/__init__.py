@@ -1,9 +1,10 @@
-"""Attention and KV-cache ops behind one interface, with three implementations.
+"""Attention and KV-cache ops behind one interface (`Ops`), with three implementations.
 
 `reference` is plain torch: the oracle of every test, and the CPU path where lamina's C++ kernels
-cannot be built (`lamina env` says why). `cpu` is `reference` with paged attention, SwiGLU and
-RMSNorm in C++ where they apply (the CPU default). `triton_ops` holds lamina's Triton kernels, used
-on CUDA. All three modules export the same five functions:
+cannot be built (`lamina env` says why). `cpu.CpuOps` is `reference` with paged attention, SwiGLU
+and RMSNorm in C++ where they apply (the CPU default), its attention by the implementations the
+kernel dispatch chose (dispatch.py). `triton_ops` holds lamina's Triton kernels, used on CUDA. Each
+provides the same five functions:
 
     store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     paged_attention(q, k_cache, v_cache, attn_metadata, scale) -> out
@@ -11,26 +12,37 @@ on CUDA. All three modules export the same five functions:
     rotary_embedding(q, k, positions, cos_sin_cache) -> (q, k)
     silu_and_mul(x) -> silu(x[..., :I]) * x[..., I:]
 
-`get_backend()` returns a `Backend`: one of these modules as the model's ops, plus what the
-engine's execution strategies may do with them. The runner asks the backend; it never tests which
-one it is. A new backend is a module with these five functions and one entry in `get_backend`.
+`get_backend()` returns a `Backend`: one of these as the model's ops, plus what the engine's
+execution strategies may do with them. The runner asks the backend; it never tests which one it is.
+A new backend is a module (or object) with these five functions and one entry in `get_backend`.
+cpu_build.py builds and loads the C++ kernels; cpu_features.py asks the OS what this CPU may run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import ModuleType
+from typing import Protocol
 
 import torch
 
 from lamina import envs
+from lamina.kernels.dispatch import AttentionPlan
 
 BACKENDS = ("torch", "cpu", "triton")
+
+
+class Ops(Protocol):
+    """What a model's layers call; see the module's docstring for the shapes."""
+    def store_kv_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None: ...
+    def paged_attention(self, q, k_cache, v_cache, attn_metadata, scale) -> torch.Tensor: ...
+    def rms_norm(self, x, weight, eps, residual=None): ...
+    def rotary_embedding(self, q, k, positions, cos_sin_cache): ...
+    def silu_and_mul(self, x) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str                    # as --attention-backend takes it
-    ops: ModuleType              # the five functions above
+    ops: Ops                     # the five functions above
     # torch.compile can trace its ops into a CPU step (Triton's interpreter, for one, cannot be traced)
     compilable: bool
     # the largest decode batch a compiled step may take (None: any); past it, steps run eagerly
@@ -66,21 +78,29 @@ class AttentionMetadata:
         return self.seq_lens.shape[0]
 
 
-def get_backend(name: str | None = None, device: torch.device | str = "cpu") -> Backend:
-    """An explicit name, else $LAMINA_ATTENTION_BACKEND, else `default_backend_name(device)`."""
+def get_backend(name: str | None = None, device: torch.device | str = "cpu",
+                attention: AttentionPlan | None = None) -> Backend:
+    """An explicit name, else $LAMINA_ATTENTION_BACKEND, else `default_backend_name(device)`. The cpu
+    backend's attention follows `attention` (the dispatch's choice; lamina's kernels by default)."""
     device = torch.device(device)
     name = name or envs.attention_backend() or default_backend_name(device)
+    from lamina.kernels import reference
     if name == "torch":
-        from lamina.kernels import reference
         # larger decode batches are grouped by length in eager attention, which a graph cannot do
         return Backend("torch", reference, compilable=device.type == "cpu",
                        compiled_decode_max_batch=reference.GROUP_BY_LENGTH_MIN_BATCH - 1)
     if name == "cpu":
-        from lamina.kernels import cpu
-        if not cpu.load():
+        from lamina.kernels import cpu, cpu_build
+        if not cpu_build.load():
             raise RuntimeError("the cpu attention backend needs lamina's C++ kernels, which could not be loaded "
-                               f"here: {cpu.load_error()}")
-        return Backend("cpu", cpu, compilable=True, compiled_prefill_head_dims=cpu.PREFILL_HEAD_DIMS)
+                               f"here: {cpu_build.load_error()}")
+        attention = attention or AttentionPlan()
+        return Backend("cpu", cpu.CpuOps(attention), compilable=True,
+                       # reference decode attention groups large batches by length, which a graph cannot do
+                       compiled_decode_max_batch=None if attention.decode == "lamina"
+                       else reference.GROUP_BY_LENGTH_MIN_BATCH - 1,
+                       # compiled prefill steps need attention as one op (the reference loops over sequences)
+                       compiled_prefill_head_dims=cpu.PREFILL_HEAD_DIMS if attention.prefill == "lamina" else ())
     if name == "triton":
         from lamina.kernels import triton_ops
         return Backend("triton", triton_ops, compilable=False, cuda_graphs=device.type == "cuda")
@@ -91,5 +111,5 @@ def default_backend_name(device: torch.device) -> str:
     """triton on CUDA; on CPU cpu where lamina's C++ kernels load, else torch."""
     if device.type == "cuda":
         return "triton"
-    from lamina.kernels import cpu
-    return "cpu" if cpu.load() else "torch"
+    from lamina.kernels import cpu_build
+    return "cpu" if cpu_build.load() else "torch"

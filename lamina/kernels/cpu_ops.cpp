@@ -10,7 +10,7 @@
 //                       attention reading the paged KV cache in place through the block table
 // Each has a plain C++ path for CPUs without AVX-512 (BF16), with the same sums in float32.
 //
-// Built on first use by lamina/kernels/cpu.py (g++ -O3 -march=native) and loaded with
+// Built on first use by lamina/kernels/cpu_build.py (g++ -O3 -march=native) and loaded with
 // torch.ops.load_library; Python gives the ops their shapes for torch.compile.
 #include "cpu_common.h"
 

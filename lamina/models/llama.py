@@ -7,13 +7,13 @@ The forward pass takes a flat batch (the new tokens of many sequences, one after
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import torch
 from torch import nn
 
 from lamina.config import ModelConfig
-from lamina.kernels import AttentionMetadata
+from lamina.kernels import AttentionMetadata, Ops
+from lamina.layers.activation import SiluAndMul
 
 
 def rope_cos_sin_cache(cfg: ModelConfig, max_len: int) -> torch.Tensor:
@@ -54,7 +54,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, scaling: dict, origi
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, ops: ModuleType):
+    def __init__(self, dim: int, eps: float, ops: Ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
@@ -65,7 +65,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ModuleType):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -93,22 +93,11 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
-class SiluAndMul(nn.Module):
-    """[T, 2I] -> silu(x[:, :I]) * x[:, I:], by the backend's op."""
-
-    def __init__(self, ops: ModuleType):
-        super().__init__()
-        self.ops = ops
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.silu_and_mul(x)
-
-
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul. Where the
     gate/up layer applies the activation itself (a fused GEMM chosen at load), `act` is an identity."""
 
-    def __init__(self, cfg: ModelConfig, ops: ModuleType):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.act = SiluAndMul(ops)
@@ -119,7 +108,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ModuleType):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.self_attn = Attention(cfg, ops)
@@ -138,7 +127,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ModuleType, max_len: int | None = None):
+    def __init__(self, cfg: ModelConfig, ops: Ops, max_len: int | None = None):
         super().__init__()
         self.config = cfg
         # an explicit weight skips nn.Embedding's random init, whose normal_ on the meta device

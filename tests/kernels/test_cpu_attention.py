@@ -5,7 +5,7 @@ import platform
 import pytest
 import torch
 
-from lamina.kernels import AttentionMetadata, cpu, get_backend, reference
+from lamina.kernels import AttentionMetadata, cpu, cpu_build, get_backend, reference
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips only where no build is expected (conftest.py)
 
@@ -100,14 +100,14 @@ def test_prefill_attention_matches_reference(case):
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the baseline build targets x86-64")
 def test_prefill_attention_plain_path_matches_reference():
     """The same source built for an x86-64-v2 CPU (no AVX-512): what other machines run."""
-    assert cpu.load(namespace="lamina_plain", march="x86-64-v2")
+    assert cpu_build.load(namespace="lamina_plain", march="x86-64-v2")
     for case in PREFILL_CASES:
         _check_prefill(torch.ops.lamina_plain, case)
 
 
 def test_backend_routes_prefill_by_dtype_and_is_the_cpu_default():
     """bf16 prefill goes to C++; float32 (and head sizes the kernel lacks) to the reference."""
-    assert get_backend(None, "cpu").ops is cpu or __import__("os").environ.get("LAMINA_ATTENTION_BACKEND")
+    assert isinstance(get_backend(None, "cpu").ops, cpu.CpuOps) or __import__("os").environ.get("LAMINA_ATTENTION_BACKEND")
     q, k_cache, v_cache, md = _prefill_case([40], [8], 6, 2, 64)
     torch.testing.assert_close(cpu.paged_attention(q, k_cache, v_cache, md, 0.2).float(),
                                reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), md, 0.2),

@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from lamina.kernels import cpu, reference
+from lamina.kernels import cpu, cpu_build, reference
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips only where no build is expected (conftest.py)
 
@@ -33,7 +33,7 @@ def test_ops_match_reference_bit_for_bit():
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the baseline build targets x86-64")
 def test_plain_paths_match_reference():
-    assert cpu.load(namespace="lamina_plain", march="x86-64-v2")
+    assert cpu_build.load(namespace="lamina_plain", march="x86-64-v2")
     _check(torch.ops.lamina_plain)
 
 

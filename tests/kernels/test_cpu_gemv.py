@@ -1,6 +1,6 @@
 """lamina's C++ CPU matmuls against plain torch on the same inputs: the bf16 GEMM on packed weights
 (cpu_ops.cpp), the int8 and int4 kernels on packed weights (cpu_quant.cpp), and the modules of
-lamina/models/quant.py that call them.
+lamina/layers/ that call them.
 
 The build on this machine takes the AVX-512 paths where the CPU has them; a second build for a
 baseline x86-64 CPU covers the plain C++ paths that other machines run.
@@ -11,10 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from lamina.kernels import cpu
-from lamina.models.quant import (INT8_DEQUANT_MIN_ROWS, Bf16Linear, Bf16SwiGLU, Int4Linear, Int8Linear, pack_bf16,
-                                 pack_bf16_swiglu, pack_int4, pack_int8, quantize_int4, unpack_int4, unpack_int8,
-                                 use_cpu_gemm)
+from lamina.kernels import cpu_build
+from lamina.kernels.dispatch import KernelPlan
+from lamina.layers import build_linears
+from lamina.layers.linear import Bf16Linear, Bf16SwiGLU, pack_bf16, pack_bf16_swiglu
+from lamina.layers.quant import Int4Linear, Int8Linear, pack_int4, pack_int8, quantize_int4, unpack_int4, unpack_int8
+
+
+def use_cpu_gemm(model: nn.Module) -> int:
+    """The bf16 layers of `model` built as an engine builds them, with the default plan (lamina's
+    kernels where they take the layer); how many were replaced."""
+    return build_linears(model, None, KernelPlan(), torch.device("cpu"))
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips only where no build is expected (conftest.py)
 
@@ -149,11 +156,11 @@ def test_swiglu_module_and_use_cpu_gemm():
     """use_cpu_gemm gives an MLP's gate_up_proj the fused module (and only where its channels come in
     whole strips of 32); MLP.forward then skips its own SwiGLU, with the same result."""
     from types import SimpleNamespace
-    from lamina.kernels import cpu as cpu_ops
+    from lamina.kernels.cpu import CpuOps
     from lamina.models.llama import MLP
     torch.manual_seed(3)
     cfg = SimpleNamespace(hidden_size=64, intermediate_size=96)
-    mlp = MLP(cfg, cpu_ops).to(torch.bfloat16)
+    mlp = MLP(cfg, CpuOps()).to(torch.bfloat16)
     x = torch.randn(2, 7, 64).to(torch.bfloat16)
     with torch.no_grad():
         before = mlp(x)
@@ -176,7 +183,7 @@ def test_ops_match_torch_on_this_cpu():
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the baseline build targets x86-64")
 def test_plain_paths_match_torch():
     """The same source built for an x86-64-v2 CPU (no AVX-512): what other machines run."""
-    assert cpu.load(namespace="lamina_plain", march="x86-64-v2")
+    assert cpu_build.load(namespace="lamina_plain", march="x86-64-v2")
     _check_ops("lamina_plain")
 
 
@@ -309,7 +316,7 @@ def test_use_cpu_gemm_with_a_tied_lm_head():
 
 def test_switched_off_by_env(monkeypatch):
     monkeypatch.setenv("LAMINA_CPU_KERNELS", "0")
-    assert not cpu.load()
+    assert not cpu_build.load()
     lin = nn.Linear(64, 16).to(torch.bfloat16)
     assert Bf16Linear.fits(lin)
     model = nn.Sequential(lin)
@@ -318,7 +325,7 @@ def test_switched_off_by_env(monkeypatch):
 
 
 def test_bench_gemv_script_runs():
-    """bench/gemv.py (the sweep behind quant.py's row thresholds) on a tiny case."""
+    """bench/gemv.py (lamina's GEMMs against torch's, per row count) on a tiny case."""
     import os
     import subprocess
     import sys
@@ -328,10 +335,11 @@ def test_bench_gemv_script_runs():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "->" not in line]
     assert [r[0] for r in rows] == ["1", "3"] and all(len(r) == 17 for r in rows), out
+    assert "limits: bf16 GFLOP/s" in out and "read GB/s" in out and "of the read bandwidth" in out, out
 
 
 def test_no_compiler_means_torch_ops_and_a_warning(monkeypatch, caplog):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with caplog.at_level("WARNING", logger="lamina.kernels"):
-        assert not cpu.load(namespace="lamina_no_compiler")
+        assert not cpu_build.load(namespace="lamina_no_compiler")
     assert "unavailable, using torch's ops" in caplog.text

@@ -3,8 +3,15 @@ import pytest
 import torch
 from torch import nn
 
-from lamina.kernels import cpu
-from lamina.models.quant import INT4_GROUP_SIZE, Int4Linear, Int8Linear, quantize_int4, quantize_model
+from lamina.kernels import cpu_build
+from lamina.kernels.dispatch import KernelPlan
+from lamina.layers import build_linears
+from lamina.layers.quant import INT4_GROUP_SIZE, Int4Linear, Int8Linear, quantize_int4
+
+
+def quantize_model(model: nn.Module, method: str) -> None:
+    """`model`'s linear layers quantized as an engine builds them, with the default plan."""
+    build_linears(model, method, KernelPlan(), torch.device("cpu"))
 
 
 def _linear(n, k, dtype, bias=False, seed=0):
@@ -46,7 +53,7 @@ def test_int4_recovers_a_q4_1_grid_exactly():
 def test_int4_linear_equals_dequantized_matmul(dtype, m):
     lin = _linear(96, 3 * INT4_GROUP_SIZE, dtype, bias=True)
     q = Int4Linear(lin)
-    assert q.use_kernel == cpu.load()
+    assert q.use_kernel == cpu_build.load()
     codes, scale, lo = quantize_int4(lin.weight.detach(), INT4_GROUP_SIZE)
     deq = (codes.view(96, 3, -1).float() * scale[..., None] + lo[..., None]).view(96, -1)
     x = torch.randn(2, m, lin.in_features).to(dtype)
@@ -79,7 +86,7 @@ def test_quantize_model_replaces_linears_and_skips_odd_widths():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8), nn.Linear(8, 4)).to(torch.bfloat16)
     quantize_model(model, "int4")
     assert isinstance(model[0], Int4Linear) and isinstance(model[2], Int4Linear)
-    assert model[0].use_kernel == cpu.load() and not model[2].use_kernel  # 8 outputs: no block of 16
+    assert model[0].use_kernel == cpu_build.load() and not model[2].use_kernel  # 8 outputs: no block of 16
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert model(x).shape == (3, 4)
     assert isinstance(model[3], nn.Linear)  # 8 input features: no whole group of 32, kept as is
@@ -95,11 +102,11 @@ def _reference_int4(lin):
     return (codes.view(n, -1, INT4_GROUP_SIZE).float() * scale[..., None] + lo[..., None]).view(n, -1)
 
 
-@pytest.mark.parametrize("rows", [8, 300])  # 300: past INT4_DEQUANT_MIN_ROWS, the dequantize + matmul path
+@pytest.mark.parametrize("rows", [8, 300])  # 300: prefill-sized, the default plan's dequantize + matmul
 def test_int4_packed_layout_dequantizes_and_many_rows_match(rows):
     lin = _linear(192, 4 * INT4_GROUP_SIZE, torch.bfloat16, seed=3)
     q = Int4Linear(lin)
-    assert q.use_kernel == cpu.load()
+    assert q.use_kernel == cpu_build.load()
     ref_w = _reference_int4(lin)
     # reading the packed layout back gives the same weights (up to the bf16 scale and zero)
     assert (q.dequantize(torch.float32) - ref_w).abs().max().item() <= 0.02 * ref_w.abs().max().item()
@@ -123,8 +130,8 @@ def test_compiled_int4_model_matches_eager(kernels, monkeypatch):
     """A decode step of a quantized model compiles (the engine torch.compiles it on CPU), with and
     without lamina's kernels: int4 layers, and an int8 lm_head that without the kernels runs torch's
     int8 GEMV, whose Inductor lowering failed on bf16 inputs in torch 2.14 (LoweringException)."""
-    if kernels and not cpu.load():
-        pytest.skip(f"lamina's C++ kernels are not loaded here: {cpu.load_error()}")
+    if kernels and not cpu_build.load():
+        pytest.skip(f"lamina's C++ kernels are not loaded here: {cpu_build.load_error()}")
     if not kernels:
         monkeypatch.setenv("LAMINA_CPU_KERNELS", "0")
 
