@@ -45,8 +45,11 @@ class AsyncEngine:
         self._thread.start()
 
     # -- caller side (any thread / event loop) -------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.validate(prompt_token_ids, params.with_defaults(self.engine.generation_defaults))
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, prompt_param: str = "prompt") -> None:
+        """The engine's checks, on the caller's thread: for a caller (the server) that must refuse a
+        request before it answers anything. generate() needs no call: the engine checks each request
+        it adds, and a refused one raises from the stream before any output."""
+        self.engine.validate(prompt_token_ids, params.with_defaults(self.engine.generation_defaults), prompt_param)
 
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None,
                        prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -55,8 +58,6 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if isinstance(prompt, list) and prompt_text is not None:
             prompt = {"prompt": prompt_text, "prompt_token_ids": prompt}
-        _, ids = self.engine.encode_prompt(prompt)
-        self.validate(ids, params)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -151,7 +152,7 @@ class AsyncEngine:
                 return
             try:
                 self.engine.add_request(rid, prompt, params, arrival_time=arrival)
-            except Exception as e:  # validated already, but the cache may have changed meanwhile
+            except Exception as e:  # refused (RequestError): raised from the caller's stream
                 self._deliver(rid, e)
         elif kind == "abort":
             self.engine.abort(cmd[1])

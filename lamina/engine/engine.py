@@ -116,16 +116,17 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Refuse at once what could never be served; nothing is left waiting forever."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, prompt_param: str = "prompt") -> None:
+        """Refuse at once what could never be served; nothing is left waiting forever. Errors name
+        the prompt `prompt_param` (the server's "messages" for a chat)."""
         n = len(prompt_token_ids)
         if n == 0:
-            raise RequestError("the prompt is empty", param="prompt")
+            raise RequestError(f"The {prompt_param} is empty.", param=prompt_param)
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            raise RequestError(f"The {prompt_param}'s token ids must be in [0, {vocab}).", param=prompt_param)
         params.check_token_ids(vocab)
-        check_context_length(self.max_model_len, n, params.max_tokens, "prompt")
+        check_context_length(self.max_model_len, n, params.max_tokens, prompt_param)
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> str:

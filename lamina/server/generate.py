@@ -10,8 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
-from lamina.engine.errors import (ContextLengthExceeded, EngineDeadError, RequestError, RequestFailedError,
-                                  check_context_length, context_length_exceeded)
+from lamina.engine.errors import EngineDeadError, RequestError, RequestFailedError
 from lamina.server import openai_api as oai
 from lamina.server.errors import APIError, bad_request, from_request_error, internal_error
 from lamina.server.http import ClientGone, Exchange, Request
@@ -96,16 +95,12 @@ def _prepare(app, gen: oai.GenerationRequest) -> list[_Prompt]:
         param = "prompt"
     prompts, limit = [], app.engine.max_model_len
     for text, ids in raw:
-        if not ids:
-            raise bad_request(f"The {param} is empty.", param)
+        # the engine's rules (empty prompt, token ids, context length), named as the client sent
+        # the prompt; a RequestError becomes the 400 in one place. Checked with max_tokens as asked
+        # (None: only the prompt must leave room) before it is resolved to what is left.
+        app.engine.validate(ids, gen.params, param)
         max_tokens = gen.params.max_tokens
-        check_context_length(limit, len(ids), max_tokens, param)
-        # SamplingParams re-validates with the resolved max_tokens (min_tokens must fit under it)
         params = replace(gen.params, max_tokens=limit - len(ids) if max_tokens is None else max_tokens)
-        try:
-            app.engine.validate(ids, params)
-        except ContextLengthExceeded:   # the engine's own check; worded (and param named) as ours
-            raise context_length_exceeded(limit, len(ids), max_tokens, param) from None
         prompts.append(_Prompt(ids, text, params))
     return prompts
 

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from lamina.engine.async_engine import AsyncEngine
-from lamina.engine.errors import EngineDeadError, RequestFailedError
+from lamina.engine.errors import ContextLengthExceeded, EngineDeadError, RequestError, RequestFailedError
 from lamina.sampling_params import SamplingParams
 from tests.engine.test_engine import make_engine, random_prompts, run
 
@@ -119,6 +119,26 @@ def test_async_engine_fails_one_stream_and_serves_the_rest(tiny_model_dir):
         assert isinstance(bad, RequestFailedError)
         assert good[-1].finished and good[-1].outputs[0].finish_reason == "length"
         assert engine.is_alive
+    finally:
+        engine.shutdown()
+
+
+def test_async_engine_refuses_a_request_before_any_output_and_serves_the_rest(tiny_model_dir):
+    """A request the engine refuses (checked once, where the engine adds it) raises its typed error
+    from the stream before any output, naming the parameter; the others are served."""
+    engine = AsyncEngine(make_engine(tiny_model_dir, max_model_len=64))
+
+    async def main():
+        return await asyncio.gather(_collect(engine, [5, 6, 7], GREEDY),
+                                    _collect(engine, [1] * 60, SamplingParams(max_tokens=10)),
+                                    _collect(engine, [10 ** 6], GREEDY), return_exceptions=True)
+
+    try:
+        good, too_long, bad_id = asyncio.run(main())
+        assert isinstance(too_long, ContextLengthExceeded) and too_long.param == "prompt"
+        assert isinstance(bad_id, RequestError) and bad_id.param == "prompt" and "token ids" in str(bad_id)
+        assert good[-1].finished and len(good[-1].outputs[0].token_ids) == 12
+        assert engine.is_alive and not engine.engine.has_unfinished_requests()
     finally:
         engine.shutdown()
 
