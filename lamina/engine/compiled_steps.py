@@ -7,7 +7,10 @@ compiles on a thread of its own, and each graph is swapped in as soon as it work
 
 Two graphs serve decode batches: batch 1, and every batch of 2+ (torch specializes sizes 0 and 1).
 Where the backend compiles prefill too, one more graph serves every prefill and mixed step: a
-single prompt is padded with an empty sequence, so no size is ever 0 or 1 there either.
+single prompt is padded with an empty sequence, so no size is ever 0 or 1 there either. Where the
+kernel plan switches a layer's implementation at some row count (`row_boundaries`), a graph holds one
+side of it, so each range past a boundary gets a graph of its own, built here too: serving then
+never compiles.
 
 The warm-up runs that compile each graph read and write only the runner's scratch KV block, which
 no sequence ever owns, so they cannot disturb the requests being served meanwhile.
@@ -35,8 +38,13 @@ class CompiledSteps:
     `run(...)` runs it. Until a graph is ready, nothing fits and the runner steps eagerly."""
 
     def __init__(self, model, device: torch.device, scratch_block: int, block_size: int,
-                 max_decode_batch: int | None, compile_prefill: bool, background: bool = True):
+                 max_decode_batch: int | None, compile_prefill: bool, background: bool = True,
+                 row_boundaries: tuple[int, ...] = (), max_num_seqs: int = 256, max_step_tokens: int = 8192):
         self.model = model
+        # one warm-up per range of rows the layers tell apart: decode batch sizes, and prefill tokens
+        largest_decode = min(max_num_seqs, max_decode_batch or max_num_seqs)
+        self.decode_warm_ups = [1, 2] + [b + 1 for b in row_boundaries if 2 < b + 1 <= largest_decode]
+        self.prefill_warm_ups = [3] + [b + 1 for b in row_boundaries if 3 < b + 1 <= max_step_tokens]
         self.device = device
         self.scratch_block = scratch_block
         self.block_size = block_size
@@ -110,12 +118,13 @@ class CompiledSteps:
                  "(minutes the first time, cached after; --enforce-eager skips it)", what)
         try:
             decode = self._compile(type(self.model).forward, cpp_wrapper=True)
-            for batch in (1, 2):
+            for batch in self.decode_warm_ups:
                 self._warm_up(self._decode_step, decode, batch, 1)
             self.decode = decode
             if self.compile_prefill:
                 prefill = self._compile(type(self.model).hidden_states)
-                self._warm_up(self._prefill_step, prefill, 1, 3)
+                for tokens in self.prefill_warm_ups:
+                    self._warm_up(self._prefill_step, prefill, 1, tokens)
                 self.prefill = prefill
             log.info("compiled steps ready (%s) in %.1f s: serving at full speed", what, time.perf_counter() - start)
         except Exception as e:  # serving goes on eagerly; tests and `status` make the failure loud
@@ -143,14 +152,16 @@ class CompiledSteps:
 
     def _warm_up(self, step, graph, batch: int, tokens_each: int) -> None:
         """One step through `graph` of `batch` sequences of `tokens_each` new tokens, all in the
-        scratch block. The inputs are normal tensors, as the runner's are: inference tensors would
-        give the graph other guards, and serving would compile again."""
+        scratch block (a long sequence's every block is that one). The inputs are normal tensors, as
+        the runner's are: inference tensors would give the graph other guards, and serving would
+        compile again."""
         dev, n = self.device, batch * tokens_each
         i32 = dict(dtype=torch.int32, device=dev)
+        width = max(2, -(-tokens_each // self.block_size))
         md = AttentionMetadata(
             query_start_loc=torch.arange(0, n + 1, tokens_each, **i32),
             seq_lens=torch.full((batch,), tokens_each, **i32),
-            block_tables=torch.full((batch, 2), self.scratch_block, **i32),
+            block_tables=torch.full((batch, width), self.scratch_block, **i32),
             slot_mapping=self.scratch_block * self.block_size + torch.arange(n, device=dev) % self.block_size,
             max_query_len=tokens_each, max_seq_len=tokens_each,
             logits_indices=torch.arange(tokens_each - 1, n, tokens_each, device=dev))

@@ -62,7 +62,10 @@ class ModelRunner:
             # prefill (and mixed) steps too, where the backend's attention is one op for them
             prefill = self.dtype == self.kv_dtype == torch.bfloat16 and cfg.head_dim in backend.compiled_prefill_head_dims
             self.compiled = CompiledSteps(self.model, self.device, self.scratch_block, self.block_size,
-                                          max_decode_batch=backend.compiled_decode_max_batch, compile_prefill=prefill)
+                                          max_decode_batch=backend.compiled_decode_max_batch, compile_prefill=prefill,
+                                          row_boundaries=config.kernel_plan.row_boundaries(),
+                                          max_num_seqs=config.max_num_seqs,
+                                          max_step_tokens=config.max_num_batched_tokens)
         elif config.execution == CUDA_GRAPHS:
             self.decode_graphs = DecodeGraphs(self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                               config.max_model_len, self.block_size, self.device)

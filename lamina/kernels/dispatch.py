@@ -109,6 +109,17 @@ class KernelPlan:
                 return plan
         return apply_overrides(op, default_plan(op, available), self.overrides)
 
+    def row_boundaries(self) -> tuple[int, ...]:
+        """The row counts after which some layer switches implementation: a compiled graph holds one
+        implementation per layer, so each range between them needs a graph of its own."""
+        bounds = set()
+        for _, plan in self.linears:
+            if plan.decode != plan.batch:
+                bounds.add(DECODE_MAX_ROWS)
+            if plan.batch != plan.prefill:
+                bounds.add(BATCH_MAX_ROWS)
+        return tuple(sorted(bounds))
+
     def summary(self) -> str:
         """e.g. `bf16_linear lamina; attention lamina (cached)`: one line, each op once."""
         by_op: dict[str, list[str]] = {}

@@ -123,3 +123,30 @@ def test_engine_serves_eagerly_while_compiling_then_swaps_in(tiny_model_dir):
     # the scratch block is the cache's last block, outside the scheduler's pool
     assert engine.runner.scratch_block == engine.block_manager.num_blocks
     assert engine.runner.k_caches[0].shape[0] == engine.block_manager.num_blocks + 1
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("cpu_kernels")
+def test_a_plan_that_switches_implementation_by_rows_never_recompiles_while_serving(tmp_path, monkeypatch):
+    """Where the kernel dispatch gives a layer different implementations for decode, batch and
+    prefill rows (as on a CPU where torch's matmul wins large products), each range of rows needs a
+    graph of its own: all are built before the compiled steps serve, so serving never compiles, and
+    the tokens agree with eager steps."""
+    from tests.utils import save_tiny_hf_model
+    model_dir = str(tmp_path / "mixed")
+    save_tiny_hf_model(model_dir, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=256, max_position_embeddings=1024)
+    monkeypatch.setenv("LAMINA_DISPATCH", "bf16_linear.batch=torch,bf16_swiglu.prefill=torch")
+    prompts = random_prompts(20, seed=9, lo=3, hi=60) + random_prompts(1, seed=10, lo=400, hi=400)
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=2, ignore_eos=True)
+    eager = run(make_engine(model_dir, dtype="bfloat16", enforce_eager=True), prompts, params)
+    engine = make_engine(model_dir, dtype="bfloat16", enforce_eager=False, max_num_batched_tokens=512)
+    assert engine.config.kernel_plan.row_boundaries() == (16, 256)
+    compiled_steps = engine.runner.compiled
+    assert compiled_steps.decode_warm_ups == [1, 2, 17] and compiled_steps.prefill_warm_ups == [3, 17, 257]
+    calls = count_step_calls(compiled_steps, "decode")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = run(engine, prompts, params)    # all at once: prefill steps past 256 rows, decode past 16
+    assert calls["calls"] > 0 and max(calls["sizes"]) > 16
+    for a, b in zip(eager, compiled):
+        assert_greedy_agree(a, b)
