@@ -231,13 +231,14 @@ class Worker:
         w.close()
     """
 
-    def __init__(self, args: list[str], env: dict | None = None):
+    def __init__(self, args: list[str], env: dict | None = None, repo: str = REPO_DIR):
+        """`repo`: the lamina checkout whose bench/workers.py (and so whose lamina) runs."""
         full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = REPO_DIR + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env["PYTHONPATH"] = repo + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env.update(env or {})
         self.args = args
-        self.proc = subprocess.Popen([sys.executable, os.path.join(BENCH_DIR, "workers.py"), "loop", *args],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=full_env, cwd=REPO_DIR,
+        self.proc = subprocess.Popen([sys.executable, os.path.join(repo, "bench", "workers.py"), "loop", *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=full_env, cwd=repo,
                                      text=True, bufsize=1)
         self.ready = self._read() or {"error": f"worker exited with {self.proc.poll()} while loading"}
 

@@ -482,10 +482,12 @@ def markdown(res: dict) -> str:
               "comparable.", ""]
     if m:
         lines += ["## Machine", "",
-                  "| memory read GB/s | copy GB/s | 1-thread read GB/s | fp32 matmul GFLOP/s | bf16 matmul GFLOP/s |",
-                  "|---:|---:|---:|---:|---:|",
+                  "| memory read GB/s | copy GB/s | 1-thread read GB/s | fp32 matmul GFLOP/s | bf16 matmul GFLOP/s "
+                  "| int8 matmul GOP/s | AMX |",
+                  "|---:|---:|---:|---:|---:|---:|---|",
                   f"| {fmt(m.get('read_gbps'))} | {fmt(m.get('copy_gbps'))} | {fmt(m.get('read_gbps_1thread_numpy'))} | "
-                  f"{fmt(m.get('matmul_fp32_gflops'))} | {fmt(m.get('matmul_bf16_gflops'))} |", "",
+                  f"{fmt(m.get('matmul_fp32_gflops'))} | {fmt(m.get('matmul_bf16_gflops'))} | "
+                  f"{fmt(m.get('matmul_int8_gops'))} | {m.get('amx', '?')} |", "",
                   f"({m.get('read_method')}; {m.get('matmul_method')})", ""]
     def with_range(r: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
         """'91.2 (88.0–93.5)': the median over rounds and its range."""
@@ -660,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         res["machine"] = run_worker(["machine", "--threads", str(args.threads)] + (["--quick"] if args.quick else []))
         res["machine"].update(quiet)
         log(f"read {res['machine'].get('read_gbps', 0):.1f} GB/s, fp32 {res['machine'].get('matmul_fp32_gflops', 0):.0f}"
-            f" GFLOP/s, bf16 {res['machine'].get('matmul_bf16_gflops', 0):.0f} GFLOP/s")
+            f" GFLOP/s, bf16 {res['machine'].get('matmul_bf16_gflops', 0):.0f} GFLOP/s, int8 "
+            f"{res['machine'].get('matmul_int8_gops', 0):.0f} GOP/s; AMX {res['machine'].get('amx', '?')}")
 
     os.makedirs(OUT_DIR, exist_ok=True)
     stem = args.out or os.path.join(OUT_DIR, "bench-" + time.strftime("%Y%m%d-%H%M%S"))

@@ -116,3 +116,18 @@ def test_bench_first_answer_smoke(tiny_dir, tmp_path):
     res = json.loads((tmp_path / "fa.json").read_text())
     rounds = res["systems"]["lamina-serve-warm"]["rounds"]
     assert rounds and rounds[0]["first_answer_s"] > 0
+
+
+def test_bench_compare_script_runs(tiny_dir):
+    """bench/compare.py (before/after numbers in bench/RESULTS.md): two checkouts, here the same one."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "compare.py"), "--base", root, "--model", tiny_dir,
+                          "--eager", "--rounds", "2", "--gen", "8", "--prefill-len", "64", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if "this/base" in line]
+    assert len(rows) == 2, out.stdout
+    for row in rows:   # "decode tok/s this X base Y this/base R (min–max, 2 rounds)"
+        assert float(row[row.index("this") + 1]) > 0 and float(row[row.index("base") + 1]) > 0
+        assert "2 rounds" in " ".join(row)

@@ -221,7 +221,7 @@ def cache_facts() -> dict[str, str]:
     from lamina import __version__
     from lamina.kernels import cpu_build
     from lamina.kernels.cpu_features import amx, cpu_id
-    library = cpu_build.library()
+    library = cpu_build.library() if cpu_build.load() else None
     return {"cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16], "amx": str(amx().granted),
             "threads": str(torch.get_num_threads()), "torch": torch.__version__, "lamina": __version__,
             "kernels": library.parent.name if library else "none"}
