@@ -7,12 +7,14 @@ for lamina (as a server and as a library) and llama.cpp's llama-server, on the s
 
 Systems
   lamina-serve-cold  `lamina serve --model M --port P` (its defaults: compiled steps on CPU) with an
-                     empty Inductor cache (TORCHINDUCTOR_CACHE_DIR = a fresh temporary directory)
+                     empty Inductor cache (TORCHINDUCTOR_CACHE_DIR = a fresh temporary directory) and
+                     no kernel dispatch cache (the $LAMINA_HOME/kernels/dispatch-*.json files are
+                     removed, so the launch measures its kernels as a first start does)
   lamina-serve-warm  the same with Inductor's default cache, filled by a priming launch first
   llama-server       `llama-server -m source.gguf --host 127.0.0.1 --port P` (its defaults), on the
                      GGUF lamina's model was converted from
   lamina-llm-cold    a fresh `python` that imports lamina, builds `LLM(M)` and runs its first
-                     `generate` (8 tokens), with an empty Inductor cache
+                     `generate` (8 tokens), with an empty Inductor cache and no dispatch cache
   lamina-llm-warm    the same with the default cache
 
 What is measured
@@ -35,6 +37,7 @@ the systems, order rotating (bench/common.py's interleave()).
 from __future__ import annotations
 
 import argparse
+import glob
 import http.client
 import json
 import os
@@ -224,6 +227,10 @@ def run_first_answer(model: str, systems: list[str], rounds: int = 3, full_speed
         cold = name.endswith("-cold")
         cache = tempfile.mkdtemp(prefix="lamina-inductor-cold-") if cold else None
         env = {"TORCHINDUCTOR_CACHE_DIR": cache} if cold else {}
+        if cold:   # a first start measures which kernels to use: so must this one
+            from lamina.envs import lamina_home
+            for path in glob.glob(os.path.join(lamina_home(), "kernels", "dispatch-*.json")):
+                os.remove(path)
         port = free_port()
         try:
             if name == "llama-server":
@@ -233,10 +240,10 @@ def run_first_answer(model: str, systems: list[str], rounds: int = 3, full_speed
                 return launch_server(cmd, port, log_path, env, deadline, False, 0)
             if name.startswith("lamina-serve"):
                 cmd = serve_cmd(port)
-                res["commands"][name] = ("TORCHINDUCTOR_CACHE_DIR=<new empty dir> " if cold else "") + \
+                res["commands"][name] = ("TORCHINDUCTOR_CACHE_DIR=<new empty dir>, no dispatch cache: " if cold else "") + \
                     "lamina serve " + " ".join(cmd[4:])
                 return launch_server(cmd, port, log_path, env, deadline, watch, full_speed_timeout)
-            res["commands"][name] = ("TORCHINDUCTOR_CACHE_DIR=<new empty dir> " if cold else "") + \
+            res["commands"][name] = ("TORCHINDUCTOR_CACHE_DIR=<new empty dir>, no dispatch cache: " if cold else "") + \
                 f"python -c \"from lamina import LLM, SamplingParams; LLM('{model}').generate('Say hi.', " \
                 f"SamplingParams(max_tokens={MAX_TOKENS}, temperature=0))\""
             return launch_llm(model, log_path, env, deadline, watch, full_speed_timeout)
