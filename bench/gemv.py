@@ -37,6 +37,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import median  # noqa: E402  (also puts the repository on sys.path)
 from lamina.kernels import cpu_build  # noqa: E402
+from lamina.engine.profiler import measure_peaks  # noqa: E402
 from lamina.layers.linear import pack_bf16  # noqa: E402
 from lamina.layers.quant import pack_int4, pack_int8, quantize_int4  # noqa: E402
 
@@ -72,30 +73,6 @@ def candidates(weight: torch.Tensor) -> dict:
     }
 
 
-def machine_limits(rounds: int = 5) -> dict[str, float]:
-    """torch's bf16 and int8 matmul peaks (GFLOP/s, GOP/s) on a 2048-cube, and the memory read
-    bandwidth (GB/s, summing 512 MiB): medians of `rounds`."""
-    def best_of(fn, work):
-        fn()
-        samples = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            samples.append(work / (time.perf_counter() - start) / 1e9)
-        return median(samples)
-    n = 2048
-    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
-    limits = {"bf16 GFLOP/s": best_of(lambda: a @ b, 2 * n ** 3)}
-    a8 = torch.randint(-64, 64, (n, n), dtype=torch.int8)
-    try:
-        limits["int8 GOP/s"] = best_of(lambda: torch._int_mm(a8, a8), 2 * n ** 3)
-    except (RuntimeError, AttributeError):
-        pass   # no int8 matmul for CPU in this torch
-    big = torch.ones(128 << 20)      # 512 MiB of float32
-    limits["read GB/s"] = best_of(lambda: big.sum(), big.numel() * 4)
-    return limits
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", action="append", help="KxN (input x output features); default: SmolLM2-135M's")
@@ -114,10 +91,11 @@ def main(argv=None) -> int:
             ap.error(f"--shape {k}x{n}: the packed kernels take N a multiple of 16 (torch's int4: 64) and K of 32")
     from lamina.env import cpu_model
     from lamina.kernels.cpu_features import amx
-    limits = machine_limits(args.rounds)
+    limits = measure_peaks(rounds=args.rounds)
     print(f"CPU {cpu_model()}, AMX {'granted' if amx().granted else 'no'} ({amx().reason}), threads {args.threads}, "
           f"torch {torch.__version__}")
-    print("limits: " + ", ".join(f"{name} {value:.0f}" for name, value in limits.items()))
+    print(f"limits: bf16 GFLOP/s {limits['matmul_bf16_gflops']:.0f}, int8 GOP/s {limits.get('matmul_int8_gops', 0):.0f}, "
+          f"read GB/s {limits['read_gbps']:.0f}")
     print(f"weight copies per case: {args.layers} (fewer above {FULL_COPIES_MAX_ROWS} rows); us per call (GB/s of weights)")
     for k, n in shapes:
         copies = [candidates(torch.randn(n, k).bfloat16() * 0.02) for _ in range(args.layers)]
@@ -143,11 +121,11 @@ def main(argv=None) -> int:
             lamina = median(times["bf16 lamina"])
             if m == 1:
                 gbs = 2 * n * k / lamina / 1e9
-                print(f"      -> bf16 lamina at 1 row: {gbs:.1f} GB/s, {gbs / limits['read GB/s']:.0%} of the read bandwidth")
+                print(f"      -> bf16 lamina at 1 row: {gbs:.1f} GB/s, {gbs / limits['read_gbps']:.0%} of the read bandwidth")
             elif m == max(int(r) for r in args.rows.split(",")):
                 gflops = 2 * m * n * k / lamina / 1e9
                 print(f"      -> bf16 lamina at {m} rows: {gflops:.0f} GFLOP/s, "
-                      f"{gflops / limits['bf16 GFLOP/s']:.0%} of torch's bf16 peak")
+                      f"{gflops / limits['matmul_bf16_gflops']:.0%} of torch's bf16 peak")
     return 0
 
 

@@ -87,30 +87,12 @@ def measure_machine(threads: int, quick: bool) -> dict:
                           f"threads, numpy sum on 1 thread; {n_bytes >> 20} MiB, best of {reps} each")
     del a, b
 
-    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        n = 1024 if quick else 2048
-        m1 = torch.randn(n, n).to(dtype)
-        m2 = torch.randn(n, n).to(dtype)
-        torch.mm(m1, m2)
-        t_best = float("inf")
-        for _ in range(3 if quick else 5):
-            t0 = time.perf_counter()
-            torch.mm(m1, m2)
-            t_best = min(t_best, time.perf_counter() - t0)
-        res[f"matmul_{name}_gflops"] = 2 * n ** 3 / t_best / 1e9
-    # the int8 peak (VNNI, or AMX-INT8 where granted), as torch reaches it: int8 x int8 -> int32
-    a8 = torch.randint(-64, 64, (n, n), dtype=torch.int8)
-    try:
-        torch._int_mm(a8, a8)
-        t_best = float("inf")
-        for _ in range(3 if quick else 5):
-            t0 = time.perf_counter()
-            torch._int_mm(a8, a8)
-            t_best = min(t_best, time.perf_counter() - t0)
-        res["matmul_int8_gops"] = 2 * n ** 3 / t_best / 1e9
-    except (RuntimeError, AttributeError):
-        pass   # no CPU int8 matmul in this torch
-    res["matmul_method"] = f"torch.mm (int8: torch._int_mm) of two {n}x{n} matrices, best of {3 if quick else 5}"
+    from lamina.engine.profiler import measure_peaks
+    n = 1024 if quick else 2048
+    peaks = measure_peaks(n=n, rounds=3 if quick else 5, read_mib=0)   # the reads are measured above
+    res.update({k: v for k, v in peaks.items() if k.startswith("matmul_")})
+    res["matmul_method"] = (f"lamina.engine.profiler.measure_peaks: torch.mm (int8: torch._int_mm) of two "
+                            f"{n}x{n} matrices, best of {3 if quick else 5}")
     from lamina.kernels.cpu_features import amx
     res["amx"] = f"{'granted' if amx().granted else 'no'}: {amx().reason}"
     res["torch"] = torch.__version__

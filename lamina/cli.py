@@ -55,7 +55,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-stats-interval", type=float, default=0.0,
                    help="log a line of engine statistics every N seconds (default: off)")
     g.add_argument("--profile-steps", action="store_true",
-                   help="time each step's phases (schedule, forward, sample, detokenize, stream) and report them")
+                   help="time each step's phases (schedule, forward, sample, detokenize, stream) and report them, "
+                        "with each kind of step's GB/s and GFLOP/s beside this machine's peaks")
+    g.add_argument("--trace-dir", default=None, metavar="DIR",
+                   help="write a Chrome/Perfetto trace of the engine's steps (a span per step and phase) into DIR")
+    g.add_argument("--profile-torch-steps", type=int, default=0, metavar="N",
+                   help="with --trace-dir: also torch profiler's op-level trace of the first N steps")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -139,7 +144,8 @@ def cmd_generate(args) -> int:
 
 def _report_profile(llm, args) -> None:
     if args.profile_steps:
-        print(f"step profile (--profile-steps):\n{llm.engine.profiler.report()}", file=sys.stderr)
+        print(f"step profile (--profile-steps):\n{llm.engine.profile_report()}", file=sys.stderr)
+    llm.engine.close()
 
 
 def cmd_chat(args) -> int:

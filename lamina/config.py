@@ -113,6 +113,8 @@ class EngineConfig:
     seed: int = 0
     log_stats_interval: float = 0.0           # seconds between periodic stats log lines; 0 = off
     profile_steps: bool = False
+    trace_dir: str | None = None              # write a Chrome/Perfetto trace of the engine's steps there
+    profile_torch_steps: int = 0              # with trace_dir: torch profiler's op-level trace of this many steps
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -95,8 +95,9 @@ class AsyncEngine:
         self._commands.put(("wake",))
         self._thread.join(timeout)
         self._fail_all(EngineDeadError("the engine was shut down before this request finished"))
-        if self.engine.profiler.enabled:
-            log.info("step profile (--profile-steps):\n%s", self.engine.profiler.report())
+        if self.engine.profiler.report_enabled:
+            log.info("step profile (--profile-steps):\n%s", self.engine.profile_report())
+        self.engine.close()
 
     @property
     def is_alive(self) -> bool:

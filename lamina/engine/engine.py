@@ -18,7 +18,7 @@ from lamina.engine.errors import RequestError, check_context_length
 from lamina.engine.kv_cache import BlockManager
 from lamina.engine.metrics import EngineStats, StepStats
 from lamina.engine.model_runner import ModelRunner
-from lamina.engine.profiler import StepProfiler
+from lamina.engine.profiler import StepCosts, StepProfiler, StepShape
 from lamina.engine.resolve import resolve
 from lamina.engine.scheduler import ScheduledBatch, Scheduler
 from lamina.engine.sequence import Sequence, SequenceStatus
@@ -86,7 +86,11 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats(kv_blocks_total=self.runner.num_blocks, kv_blocks_free=self.runner.num_blocks,
                                  block_size=self.config.block_size)
-        self.profiler = StepProfiler(enabled=self.config.profile_steps)
+        cfg = self.config
+        costs = (StepCosts.of(self.runner.model, self.runner.kv_dtype)
+                 if cfg.profile_steps or cfg.trace_dir else None)
+        self.profiler = StepProfiler(enabled=cfg.profile_steps, trace_dir=cfg.trace_dir,
+                                     torch_steps=cfg.profile_torch_steps, costs=costs)
         self._last_log = time.monotonic()
         self._pending_outputs: list[RequestOutput] = []
         log.info("model %s: %s", self.config.model, self.config.summary())
@@ -171,6 +175,8 @@ class LLMEngine:
         prof.start()
         batch = self.scheduler.schedule()
         prof.mark("schedule")
+        if prof.enabled:
+            prof.describe(self._shape(batch))
         outputs, self._pending_outputs = self._pending_outputs, []
         if batch.seqs:
             try:
@@ -184,6 +190,28 @@ class LLMEngine:
         self._update_stats(batch)
         prof.stop()
         return outputs
+
+    @staticmethod
+    def _shape(batch: ScheduledBatch) -> StepShape:
+        """What the step runs, for the profiler and the trace (before it changes any sequence)."""
+        context = sampled = pairs = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            before = seq.num_computed_tokens
+            context += before + n
+            sampled += before + n == len(seq)
+            pairs += n * before + n * (n + 1) // 2      # each new token attends to the prefix and to itself
+        return StepShape(prefill_tokens=batch.num_tokens - batch.num_decode, decode_tokens=batch.num_decode,
+                         num_seqs=len(batch.seqs), sampled_rows=sampled, context_tokens=context, attended_pairs=pairs)
+
+    def close(self) -> None:
+        """Finish what the engine writes on its way out: the step traces (--trace-dir)."""
+        self.profiler.close()
+
+    def profile_report(self) -> str:
+        """--profile-steps' report; on CPU beside this machine's peaks, measured now (a second or two)."""
+        from lamina.engine.profiler import measure_peaks
+        peaks = measure_peaks() if self.config.device.type == "cpu" and self.profiler.steps else None
+        return self.profiler.report(peaks)
 
     def _run_batch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> None:
         prof = self.profiler

@@ -52,6 +52,8 @@ class ResolvedConfig:
     seed: int
     log_stats_interval: float
     profile_steps: bool
+    trace_dir: str | None
+    profile_torch_steps: int
 
     def summary(self) -> str:
         return (f"device {self.device}, dtype {_name(self.dtype)}, KV cache {_name(self.kv_cache_dtype)}, "
@@ -100,6 +102,10 @@ def resolve_execution(enforce_eager: bool | None, device: torch.device, backend:
 
 
 def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> ResolvedConfig:
+    if config.profile_torch_steps < 0:
+        raise ValueError(f"profile_torch_steps must be >= 0, got {config.profile_torch_steps}")
+    if config.profile_torch_steps and not config.trace_dir:
+        raise ValueError("profile_torch_steps writes its trace into trace_dir: give both")
     device = resolve_device(config.device)
     backend = get_backend(config.attention_backend, device)
     dtype = resolve_dtype(config.dtype, device, model_config)
@@ -120,4 +126,5 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
         max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_memory=kv_memory,
         num_kv_blocks=config.num_kv_blocks, gpu_memory_utilization=config.gpu_memory_utilization,
         enable_prefix_caching=config.enable_prefix_caching, num_threads=config.num_threads, seed=config.seed,
-        log_stats_interval=config.log_stats_interval, profile_steps=config.profile_steps)
+        log_stats_interval=config.log_stats_interval, profile_steps=config.profile_steps,
+        trace_dir=config.trace_dir, profile_torch_steps=config.profile_torch_steps)
