@@ -150,7 +150,12 @@ class StepProfiler:
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._torch_profile = torch.profiler.profile(activities=activities, record_shapes=True)
+            started = time.perf_counter()
             self._torch_profile.__enter__()
+            # a second or so, once: a span of its own, not the next phase's time
+            self._t = time.perf_counter()
+            if self.trace is not None:
+                self.trace.span("start torch profiler", started, self._t - started)
 
     def mark(self, phase: str) -> None:
         if self.enabled:

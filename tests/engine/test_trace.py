@@ -68,6 +68,11 @@ def test_torch_profiler_traces_the_first_steps(tiny_model_dir, tmp_path):
     trace = _events(tmp_path, "torch-steps-*.json")
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any(n.startswith("aten::") for n in names), sorted(names)[:20]
+    # starting torch's profiler is a span of its own, not charged to the step's first phase
+    steps = _events(tmp_path)
+    (start,) = [e for e in steps if e["name"] == "start torch profiler"]
+    first_prepare = min((e for e in steps if e["name"] == "prepare"), key=lambda e: e["ts"])
+    assert first_prepare["ts"] >= start["ts"] + start["dur"] - 1
     with pytest.raises(ValueError, match="trace_dir"):
         make_engine(tiny_model_dir, profile_torch_steps=2)
 
