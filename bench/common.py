@@ -382,57 +382,11 @@ def cpu_busy(interval: float = 1.0) -> float | None:
     return 1.0 - (i1 - i0) / max(t1 - t0, 1)
 
 
-class OthersMeter:
-    """How much CPU other processes used while a measurement ran: the machine's busy time
-    (/proc/stat) minus this process's, its waited-for children's and the given `pids`' CPU time (a
-    server that runs through the measurement), as a fraction of all CPUs over the wall time.
-
-        with OthersMeter(pids=[server.pid]) as m:
-            subprocess.run(...)
-        m.fraction  # 0.0 on a quiet machine
-    """
-
-    def __init__(self, pids: list[int] | None = None):
-        self.pids = list(pids or [])
-
-    def __enter__(self):
-        self.fraction = None
-        self._start = self._read()
-        return self
-
-    def _read(self):
-        import resource
-        try:
-            with open("/proc/stat") as f:
-                vals = [int(x) for x in f.readline().split()[1:]]
-        except OSError:
-            return None
-        tick = os.sysconf("SC_CLK_TCK")
-        busy = sum(vals[:8]) - vals[3] - (vals[4] if len(vals) > 4 else 0)
-        me = resource.getrusage(resource.RUSAGE_SELF)
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        ours = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-        for pid in self.pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                ours += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
-            except (OSError, IndexError, ValueError):
-                pass
-        return busy / tick, ours, time.time()
-
-    def __exit__(self, *exc):
-        end = self._read()
-        if self._start and end:
-            wall = end[2] - self._start[2]
-            others = (end[0] - self._start[0]) - (end[1] - self._start[1])
-            if wall > 0:
-                self.fraction = round(max(0.0, others / (wall * (os.cpu_count() or 1))), 3)
-        return False
-
 
 WAIT_IDLE_S = float(os.environ.get("LAMINA_BENCH_WAIT_IDLE", "0"))
 BUSY_THRESHOLD = 0.15
+
+from lamina.cpu_features import OthersMeter  # noqa: E402,F401  (bench scripts use common.OthersMeter)
 
 
 def wait_for_idle(what: str, max_wait: float | None = None) -> dict:

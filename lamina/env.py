@@ -145,7 +145,7 @@ def one_line_summary(*, device: torch.device | str, attention_backend: str, exec
     from lamina.kernels import cpu_build
     device = torch.device(device)
     flags = " ".join(_SHORT[f] for f, have in cpu_flags().items() if have and f in _SHORT)
-    from lamina.kernels.cpu_features import amx
+    from lamina.cpu_features import amx
     if amx().granted:
         flags += " amx(granted)"
     cpu_part = f"CPU {cpu_model()} ({torch.get_num_threads()} threads{'; ' + flags.strip() if flags.strip() else ''})"
@@ -192,7 +192,7 @@ def report(device: torch.device | str | None = None) -> str:
     """The whole report, as `lamina env` prints it."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    from lamina.kernels.cpu_features import amx
+    from lamina.cpu_features import amx
     device = torch.device(device)
     torch_build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
     sections: list[tuple[str, list[tuple[str, str]]]] = [

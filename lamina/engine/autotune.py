@@ -15,6 +15,7 @@ import torch
 
 from lamina import envs
 from lamina.config import ModelConfig
+from lamina.cpu_features import OthersMeter
 from lamina.kernels import AttentionMetadata, dispatch
 from lamina.kernels.dispatch import ATTENTION_CLASSES, ROW_CLASSES, TUNE_ROWS, AttentionPlan, KernelPlan, RowPlan
 
@@ -36,6 +37,7 @@ def plan_for(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype, quanti
     entries = dispatch.read_cache(path) if measure else {}
     started, measured = time.monotonic(), 0
     linears = []
+    meter = OthersMeter().__enter__()
     for key, impls, no_prefill in choices:
         op, n, k = key
         default = dispatch.default_plan(op, impls)
@@ -59,7 +61,14 @@ def plan_for(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype, quanti
             measured += 1
         attention = AttentionPlan(*(dispatch.choose(entries[name][c], "lamina") for c in ATTENTION_CLASSES))
     attention = dispatch.apply_overrides("attention", attention, overrides)
-    if measured:
+    meter.__exit__(None, None, None)
+    if measured and (meter.fraction or 0) > dispatch.BUSY_FRACTION:
+        # another process's load skews every timing (2 threads on 2 cores collapse): good enough
+        # to start with, not to keep
+        log.warning("other processes used %.0f%% of the CPUs while lamina measured its kernels: the choice "
+                    "serves this run only, and the next start measures again", 100 * meter.fraction)
+        source = f"measured in {time.monotonic() - started:.1f} s on a busy machine, not cached"
+    elif measured:
         dispatch.write_cache(path, facts, entries)
         source = f"measured in {time.monotonic() - started:.1f} s"
     else:
@@ -102,9 +111,11 @@ def _time_linear(op: str, n: int, k: int, impls: tuple[str, ...], no_prefill: bo
         rows = TUNE_ROWS[cls]
         copies = dispatch.copies_for(int(n * k * bytes_per_weight), rows)
         while len(layers) < copies:
-            linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
-            with torch.no_grad():
-                linear.weight.copy_(torch.randn(n, k, generator=gen) * k ** -0.5)
+            # built on the meta device, then given its weight: nn.Linear's own initialization of
+            # an lm_head-sized matrix costs more than timing it
+            linear = nn.Linear(k, n, bias=False, device="meta", dtype=torch.bfloat16)
+            weight = torch.empty(n, k, dtype=torch.bfloat16).uniform_(-k ** -0.5, k ** -0.5, generator=gen)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
             layers.append(layer_type(linear, tuning))
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         with torch.inference_mode():

@@ -15,7 +15,7 @@ provides the same five functions:
 `get_backend()` returns a `Backend`: one of these as the model's ops, plus what the engine's
 execution strategies may do with them. The runner asks the backend; it never tests which one it is.
 A new backend is a module (or object) with these five functions and one entry in `get_backend`.
-cpu_build.py builds and loads the C++ kernels; cpu_features.py asks the OS what this CPU may run.
+cpu_build.py builds and loads the C++ kernels; lamina/cpu_features.py asks the OS what this CPU may run.
 """
 from __future__ import annotations
 

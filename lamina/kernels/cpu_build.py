@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from lamina import envs
-from lamina.kernels.cpu_features import cpu_id
+from lamina.cpu_features import cpu_id
 
 log = logging.getLogger("lamina.kernels")
 

@@ -17,7 +17,8 @@ copies of the weight (so a decode step's weights come from memory, as they do wh
 class keeps lamina's kernel unless another is faster by MARGIN: closer results are noise. Timings are
 cached in $LAMINA_HOME/kernels/dispatch-<key>.json, keyed by the CPU (model and flags), whether
 AMX is granted, the thread count, and the versions of torch, lamina and the C++ kernels; a later
-start with the same key measures only shapes it has not seen.
+start with the same key measures only shapes it has not seen. Timings taken while other processes
+kept more than BUSY_FRACTION of the CPUs busy serve that run only and are not cached.
 
     LAMINA_DISPATCH   op=impl or op.class=impl, comma-separated (bf16_linear.prefill=torch,attention=torch)
     LAMINA_AUTOTUNE   0: measure nothing, take lamina's kernels where they load (the defaults below)
@@ -53,6 +54,8 @@ DEFAULTS = {"int8_linear": {"prefill": "dequant"}, "int4_linear": {"prefill": "d
 FALLBACKS = {"bf16_linear": "torch", "bf16_swiglu": "torch", "int8_linear": "dequant", "int4_linear": "dequant",
              "attention": "torch"}
 MARGIN = 0.05
+# Timings taken while other processes used more of the CPUs than this are not cached
+BUSY_FRACTION = 0.15
 ROUNDS = 5
 CLEARLY_SLOWER = 2.0
 # Decode-sized timings cycle through copies of the weight totalling this many bytes, beyond the caches
@@ -220,7 +223,7 @@ def cache_facts() -> dict[str, str]:
     """What the timings depend on; a change in any of them makes a new cache file."""
     from lamina import __version__
     from lamina.kernels import cpu_build
-    from lamina.kernels.cpu_features import amx, cpu_id
+    from lamina.cpu_features import amx, cpu_id
     library = cpu_build.library() if cpu_build.load() else None
     return {"cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16], "amx": str(amx().granted),
             "threads": str(torch.get_num_threads()), "torch": torch.__version__, "lamina": __version__,

@@ -3,6 +3,7 @@ its cache (keyed by what the timings depend on, invalidated when any of it chang
 environment's overrides, and a working choice wherever a kernel is switched off or missing."""
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from lamina import LLM, SamplingParams
 from lamina.config import ModelConfig
 from lamina.engine.autotune import plan_for
 from lamina.kernels import dispatch
-from lamina.kernels.cpu_features import amx
-from lamina.kernels.dispatch import AttentionPlan, KernelPlan, RowPlan
+from lamina.cpu_features import amx
+from lamina.kernels.dispatch import AttentionPlan, RowPlan
 from lamina.layers import build_linears, linear_choices
 from lamina.layers.linear import Bf16Linear, Bf16SwiGLU
 from lamina.layers.quant import Int4Linear, Int8Linear
@@ -32,6 +33,8 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LAMINA_HOME", str(tmp_path))
     monkeypatch.delenv("LAMINA_DISPATCH", raising=False)
     monkeypatch.delenv("LAMINA_AUTOTUNE", raising=False)
+    # these tests are about the cache, not the machine's load (their own busy-machine test below)
+    monkeypatch.setattr(dispatch, "BUSY_FRACTION", 1.01)
     return tmp_path
 
 
@@ -243,3 +246,23 @@ def _model(dtype):
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     return model
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_a_measurement_on_a_busy_machine_is_not_cached(home, caplog, monkeypatch):
+    """Timings taken while another process keeps the CPUs busy are not this machine's: they serve
+    the run that took them, and the next start measures again."""
+    import subprocess
+    monkeypatch.setattr(dispatch, "BUSY_FRACTION", 0.15)
+    import sys
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="lamina.engine"):
+            plan = plan_for(CFG, torch.bfloat16, torch.bfloat16, None, "cpu", CPU)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert "not cached" in plan.source and "other processes used" in caplog.text
+    assert not dispatch.cache_path().exists()
+    assert plan.linears        # the run still got a plan
