@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         if n % 64 or k % 32:
             ap.error(f"--shape {k}x{n}: the packed kernels take N a multiple of 16 (torch's int4: 64) and K of 32")
     from lamina.env import cpu_model
-    from lamina.kernels.cpu_features import amx
+    from lamina.cpu_features import amx
     limits = measure_peaks(rounds=args.rounds)
     print(f"CPU {cpu_model()}, AMX {'granted' if amx().granted else 'no'} ({amx().reason}), threads {args.threads}, "
           f"torch {torch.__version__}")

@@ -93,7 +93,7 @@ def measure_machine(threads: int, quick: bool) -> dict:
     res.update({k: v for k, v in peaks.items() if k.startswith("matmul_")})
     res["matmul_method"] = (f"lamina.engine.profiler.measure_peaks: torch.mm (int8: torch._int_mm) of two "
                             f"{n}x{n} matrices, best of {3 if quick else 5}")
-    from lamina.kernels.cpu_features import amx
+    from lamina.cpu_features import amx
     res["amx"] = f"{'granted' if amx().granted else 'no'}: {amx().reason}"
     res["torch"] = torch.__version__
     return res
