@@ -45,7 +45,8 @@ def plan_for(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype, quanti
             plan = default
         else:
             name = f"{op} {n}x{k}"
-            if set(entries.get(name, {}).get("decode", {})) != set(impls):
+            classes = ("decode", "batch") if no_prefill else ROW_CLASSES
+            if not dispatch.complete(entries.get(name), classes, impls):
                 if measured == 0:
                     log.info("measuring which kernels are fastest on this machine (once; cached in %s)", path)
                 entries[name] = _time_linear(op, n, k, impls, no_prefill)
@@ -55,8 +56,9 @@ def plan_for(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype, quanti
         linears.append((key, dispatch.apply_overrides(op, plan, overrides)))
     attention = AttentionPlan()
     if backend_name == "cpu" and measure:
-        name = f"attention {cfg.num_attention_heads}x{cfg.num_key_value_heads}x{cfg.head_dim} {str(kv_dtype)[6:]}"
-        if name not in entries:
+        name = (f"attention {cfg.num_attention_heads}x{cfg.num_key_value_heads}x{cfg.head_dim} "
+                f"{str(dtype)[6:]} q, {str(kv_dtype)[6:]} KV")
+        if not dispatch.complete(entries.get(name), ATTENTION_CLASSES, ("lamina", "torch")):
             entries[name] = _time_attention(cfg, dtype, kv_dtype)
             measured += 1
         attention = AttentionPlan(*(dispatch.choose(entries[name][c], "lamina") for c in ATTENTION_CLASSES))

@@ -39,8 +39,10 @@ class CompiledSteps:
 
     def __init__(self, model, device: torch.device, scratch_block: int, block_size: int,
                  max_decode_batch: int | None, compile_prefill: bool, background: bool = True,
-                 row_boundaries: tuple[int, ...] = (), max_num_seqs: int = 256, max_step_tokens: int = 8192):
+                 row_boundaries: tuple[int, ...] = (), max_num_seqs: int = 256, max_step_tokens: int = 8192,
+                 max_model_len: int = 8192):
         self.model = model
+        self.max_model_len = max_model_len
         # one warm-up per range of rows the layers tell apart: decode batch sizes, and prefill tokens
         largest_decode = min(max_num_seqs, max_decode_batch or max_num_seqs)
         self.decode_warm_ups = [1, 2] + [b + 1 for b in row_boundaries if 2 < b + 1 <= largest_decode]
@@ -124,7 +126,9 @@ class CompiledSteps:
             if self.compile_prefill:
                 prefill = self._compile(type(self.model).hidden_states)
                 for tokens in self.prefill_warm_ups:
-                    self._warm_up(self._prefill_step, prefill, 1, tokens)
+                    # as many sequences as keep each within the context (the RoPE table's length)
+                    seqs = -(-tokens // (self.max_model_len - 1))
+                    self._warm_up(self._prefill_step, prefill, seqs, -(-tokens // seqs))
                 self.prefill = prefill
             log.info("compiled steps ready (%s) in %.1f s: serving at full speed", what, time.perf_counter() - start)
         except Exception as e:  # serving goes on eagerly; tests and `status` make the failure loud

@@ -65,7 +65,8 @@ class ModelRunner:
                                           max_decode_batch=backend.compiled_decode_max_batch, compile_prefill=prefill,
                                           row_boundaries=config.kernel_plan.row_boundaries(),
                                           max_num_seqs=config.max_num_seqs,
-                                          max_step_tokens=config.max_num_batched_tokens)
+                                          max_step_tokens=config.max_num_batched_tokens,
+                                          max_model_len=config.max_model_len)
         elif config.execution == CUDA_GRAPHS:
             self.decode_graphs = DecodeGraphs(self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                               config.max_model_len, self.block_size, self.device)

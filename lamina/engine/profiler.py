@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import threading
@@ -43,7 +44,11 @@ class StepCosts:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Embedding):
                 continue
-            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            tensors = dict(module.named_parameters(recurse=False))
+            tensors.update(module.named_buffers(recurse=False))
+            if "packed" in tensors:         # a layer holding two layouts of one weight reads one per step
+                tensors.pop("weight", None)
+            for t in tensors.values():
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     weight_bytes += t.numel() * t.element_size()
@@ -75,13 +80,21 @@ class StepShape:
         return "mixed" if self.prefill_tokens and self.decode_tokens else "prefill" if self.prefill_tokens else "decode"
 
 
+_trace_ids = itertools.count()
+
+
+def _trace_path(trace_dir: str, kind: str) -> str:
+    """A new file's name: the time, the process and a count, so engines of one process never share one."""
+    return os.path.join(trace_dir, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_trace_ids)}.json")
+
+
 class ChromeTrace:
     """Chrome's trace event format, as a JSON array written as it grows (each step flushed, so a
     killed process leaves a trace Perfetto still opens); close() makes it strict JSON."""
 
     def __init__(self, path: str):
         self.path = path
-        self._file = open(path, "w")
+        self._file = open(path, "x")
         self._file.write("[\n")
         self._first = True
         self._origin = time.perf_counter()
@@ -126,13 +139,13 @@ class StepProfiler:
         self.trace_dir = trace_dir
         self._torch_steps_left = torch_steps if trace_dir else 0
         self._torch_profile = None
+        self._finish_lock = threading.Lock()
         self._t = self._step_start = 0.0
         self._shape: StepShape | None = None
         self._forward = 0.0
         if trace_dir:
             os.makedirs(trace_dir, exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            self.trace = ChromeTrace(os.path.join(trace_dir, f"lamina-steps-{stamp}-{os.getpid()}.json"))
+            self.trace = ChromeTrace(_trace_path(trace_dir, "lamina-steps"))
             atexit.register(self.close)    # a library user need not close the engine for a strict JSON file
 
     def start(self) -> None:
@@ -204,10 +217,11 @@ class StepProfiler:
                 self.trace.span(phase, time.perf_counter() - seconds, seconds)
 
     def _finish_torch_profile(self) -> None:
-        profile, self._torch_profile = self._torch_profile, None
-        profile.__exit__(None, None, None)
-        path = os.path.join(self.trace_dir, f"torch-steps-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
-        profile.export_chrome_trace(path)
+        with self._finish_lock:     # the step thread and a shutdown may both get here
+            profile, self._torch_profile = self._torch_profile, None
+        if profile is not None:
+            profile.__exit__(None, None, None)
+            profile.export_chrome_trace(_trace_path(self.trace_dir, "torch-steps"))
 
     def close(self) -> None:
         """End the traces (torch's too, if fewer steps ran than it was to cover)."""
@@ -237,7 +251,7 @@ class StepProfiler:
                     share = (f" ({gbs / peaks['read_gbps']:.0%} of read, {gflops / peaks['matmul_bf16_gflops']:.0%} "
                              f"of bf16 matmul)") if peaks else ""
                     lines.append(f"  {kind:<8} {int(steps):6d} steps {1e3 * seconds / steps:8.2f} ms  "
-                                 f"{tokens / seconds:9.1f} tok/s  {gbs:7.2f} GB/s  {gflops:7.1f} GFLOP/s{share}")
+                                 f"{tokens / seconds:9.1f} tok/s  {gbs:7.3g} GB/s  {gflops:7.3g} GFLOP/s{share}")
         return "\n".join(lines)
 
 

@@ -110,6 +110,8 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
     backend = get_backend(config.attention_backend, device)
     dtype = resolve_dtype(config.dtype, device, model_config)
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, device, backend, dtype)
+    if device.type == "cpu" and config.num_threads:
+        torch.set_num_threads(config.num_threads)   # before the kernels are timed: at the threads that serve
     plan = plan_for(model_config, dtype, kv_dtype, config.quantization, backend.name, device)
     backend = get_backend(backend.name, device, attention=plan.attention)
     execution, reason = resolve_execution(config.enforce_eager, device, backend)

@@ -70,14 +70,13 @@ class RowPlan:
     prefill: str
 
     def pick(self, rows: int) -> str:
-        # compare rows only where the choice differs: under torch.compile each comparison is a guard
-        if self.decode == self.batch == self.prefill:
+        # compare rows only at a boundary where the choice changes: under torch.compile each
+        # comparison is a guard, and row_boundaries() must name every one of them
+        if self.decode != self.batch and rows <= DECODE_MAX_ROWS:
             return self.decode
-        if rows <= DECODE_MAX_ROWS:
-            return self.decode
-        if self.batch == self.prefill or rows <= BATCH_MAX_ROWS:
-            return self.batch
-        return self.prefill
+        if self.batch != self.prefill and rows > BATCH_MAX_ROWS:
+            return self.prefill
+        return self.batch
 
     def uses(self, impl: str) -> bool:
         return impl in (self.decode, self.batch, self.prefill)
@@ -243,7 +242,7 @@ def read_cache(path: Path) -> dict[str, dict[str, dict[str, float]]]:
         entries = data["entries"]
         assert isinstance(entries, dict)
         return entries
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return {}
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         log.warning("ignoring the kernel dispatch cache %s (%s: %s); measuring again", path, type(e).__name__, e)
@@ -251,7 +250,24 @@ def read_cache(path: Path) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def write_cache(path: Path, facts: dict[str, str], entries: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Keep the timings for later starts; a cache that cannot be written only costs the next start
+    its measurement."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"facts": facts, "entries": entries}, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"facts": facts, "entries": entries}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not keep the kernel timings in %s (%s); the next start measures again", path, e)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass      # there is no folder to have left it in
+
+
+def complete(entry, classes: tuple[str, ...], impls: tuple[str, ...]) -> bool:
+    """Whether a cached entry has a positive time for every implementation in every class asked."""
+    try:
+        return all(set(entry[c]) == set(impls) and all(float(s) > 0 for s in entry[c].values()) for c in classes)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False

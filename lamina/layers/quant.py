@@ -54,7 +54,8 @@ class Int8Linear(PlannedLinear):
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         if self.plan.uses("lamina"):
             self.register_buffer("packed", pack_int8(q))
-        if self.plan.uses("torch") or not self.plan.uses("lamina"):
+        if self.plan.uses("torch") or self.plan.uses("dequant"):
+            # dequantize reads this layout (unpacking the packed one on every call would cost more)
             self.register_buffer("weight", q)
         # float32: what the C++ kernel reads (torch's takes it in x's dtype)
         self.register_buffer("scale", scale.to(linear.weight.dtype).float())

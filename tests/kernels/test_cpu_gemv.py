@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lamina.kernels import cpu_build
-from lamina.kernels.dispatch import KernelPlan
+from lamina.kernels.dispatch import KernelPlan, RowPlan
 from lamina.layers import build_linears
 from lamina.layers.linear import Bf16Linear, Bf16SwiGLU, pack_bf16, pack_bf16_swiglu
 from lamina.layers.quant import Int4Linear, Int8Linear, pack_int4, pack_int8, quantize_int4, unpack_int4, unpack_int8
@@ -280,7 +280,10 @@ def test_int8_and_int4_modules_agree_for_few_and_many_rows():
     torch.manual_seed(1)
     lin = nn.Linear(128, 80, bias=False).to(torch.bfloat16)
     q8, q4 = Int8Linear(lin), Int4Linear(lin)
-    assert q8.use_kernel and q4.use_kernel and "weight" not in dict(q8.named_buffers())
+    assert q8.use_kernel and q4.use_kernel
+    # a layer keeps the layouts its plan reads: the int8 codes for dequantize, only where it is used
+    assert "weight" in dict(q8.named_buffers())
+    assert "weight" not in dict(Int8Linear(lin, RowPlan("lamina", "lamina", "lamina")).named_buffers())
     x = torch.randn(300, 128).to(torch.bfloat16)   # past both modules' dequantize thresholds
     for q, w in ((q8, q8.int8_weight().float() * q8.scale[:, None]), (q4, q4.dequantize(torch.float32))):
         ref = x.float() @ w.T

@@ -14,7 +14,7 @@ from lamina.config import ModelConfig
 from lamina.engine.autotune import plan_for
 from lamina.kernels import dispatch
 from lamina.cpu_features import amx
-from lamina.kernels.dispatch import AttentionPlan, RowPlan
+from lamina.kernels.dispatch import AttentionPlan, KernelPlan, RowPlan
 from lamina.layers import build_linears, linear_choices
 from lamina.layers.linear import Bf16Linear, Bf16SwiGLU
 from lamina.layers.quant import Int4Linear, Int8Linear
@@ -44,6 +44,23 @@ def test_row_plan_picks_by_class():
     assert RowPlan("torch", "torch", "torch").pick(10 ** 6) == "torch"
     assert str(RowPlan("a", "a", "a")) == "a" and "prefill dequant" in str(plan)
     assert plan.uses("torch") and not plan.uses("x")
+
+
+def test_row_plan_compares_rows_only_where_the_choice_changes():
+    """Under torch.compile each comparison in pick() is a guard; the compiled steps build one graph
+    per range between row_boundaries(), so pick() must compare nowhere else. int8's default plan
+    (lamina, lamina, dequant) changes only past 256 rows: batches of 2 to 256 share one graph."""
+    plan = RowPlan("lamina", "lamina", "dequant")
+    assert KernelPlan(((("int8_linear", 32, 32), plan),)).row_boundaries() == (256,)
+    f = torch.compile(lambda x: x * (2 if plan.pick(x.shape[0]) == "lamina" else 3), backend="eager")
+    for rows in (2, 17, 100, 256):
+        x = torch.ones(rows, 4)
+        torch._dynamo.mark_dynamic(x, 0)
+        with torch._dynamo.config.patch(error_on_recompile=rows > 2):
+            assert f(x)[0, 0].item() == 2
+    x = torch.ones(300, 4)
+    torch._dynamo.mark_dynamic(x, 0)
+    assert f(x)[0, 0].item() == 3         # past the boundary: a graph of its own
 
 
 def test_choose_keeps_the_default_within_the_margin():
@@ -111,7 +128,7 @@ def test_cache_is_keyed_by_what_the_timings_depend_on(home, monkeypatch, caplog)
     first = dispatch.cache_path()
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(2 if threads == 1 else 1)
         assert dispatch.cache_path() != first
     finally:
         torch.set_num_threads(threads)
@@ -266,3 +283,32 @@ def test_a_measurement_on_a_busy_machine_is_not_cached(home, caplog, monkeypatch
     assert "not cached" in plan.source and "other processes used" in caplog.text
     assert not dispatch.cache_path().exists()
     assert plan.linears        # the run still got a plan
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_an_incomplete_cache_entry_is_measured_again(home):
+    plan_for(CFG, torch.bfloat16, torch.bfloat16, None, "cpu", CPU)
+    path = dispatch.cache_path()
+    data = json.loads(path.read_text())
+    name = next(n for n in data["entries"] if n.startswith("bf16_swiglu"))
+    del data["entries"][name]["prefill"]          # e.g. measured for a projection that never saw prefill rows
+    data["entries"][next(iter(data["entries"]))]["decode"] = "garbage"
+    path.write_text(json.dumps(data))
+    assert plan_for(CFG, torch.bfloat16, torch.bfloat16, None, "cpu", CPU).source.startswith("measured")
+    assert "prefill" in json.loads(path.read_text())["entries"][name]
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_a_cache_that_cannot_be_written_costs_only_the_next_measurement(tmp_path, monkeypatch, caplog):
+    from lamina.kernels import cpu_build
+    cpu_build.load()
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("LAMINA_HOME", str(blocker))       # $LAMINA_HOME/kernels cannot be made
+    monkeypatch.delenv("LAMINA_DISPATCH", raising=False)
+    monkeypatch.delenv("LAMINA_AUTOTUNE", raising=False)
+    monkeypatch.setattr(dispatch, "BUSY_FRACTION", 1.01)
+    with caplog.at_level(logging.WARNING, logger="lamina.kernels"):
+        plan = plan_for(CFG, torch.bfloat16, torch.bfloat16, None, "cpu", CPU)
+    assert plan.source.startswith("measured") and plan.linears
+    assert "could not keep the kernel timings" in caplog.text
