@@ -3,7 +3,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from lamina import LLM, SamplingParams
 from tests.engine.agreement import assert_greedy_agree
