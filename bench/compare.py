@@ -5,9 +5,9 @@ What a change does to speed, measured the way the suite measures systems (bench/
 lamina), loaded once; every round measures both, alternating which goes first; each ratio is the
 median of the per-round ratios, with its range.
 
-    git worktree add /tmp/base HEAD~3
-    python bench/compare.py --base /tmp/base                     # bf16, compiled steps
-    python bench/compare.py --base /tmp/base --quantization int4 --rounds 5
+    git worktree add ../lamina-base HEAD~3
+    python bench/compare.py --base ../lamina-base                # bf16, compiled steps
+    python bench/compare.py --base ../lamina-base --quantization int4 --rounds 5
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ inside lamina's GEMM (`Bf16SwiGLU`): the [T, 2I] product is then never written t
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -16,7 +18,7 @@ from lamina.kernels import cpu_build
 from lamina.kernels.dispatch import RowPlan, default_plan
 
 
-class PlannedLinear(nn.Module):
+class PlannedLinear(nn.Module, metaclass=abc.ABCMeta):
     """A linear layer with several implementations, one per class of row counts (its `plan`).
     Subclasses set `op` (the dispatch's name) and `run(impl, x)` on 2-D inputs."""
     op: str
@@ -29,17 +31,18 @@ class PlannedLinear(nn.Module):
         self.plan = plan or default_plan(self.op, self.impls(linear))
 
     @staticmethod
+    @abc.abstractmethod
     def impls(linear: nn.Linear, device: torch.device | None = None) -> tuple[str, ...]:
         """The implementations that can serve `linear` on `device` (default: where its weight is)."""
-        raise NotImplementedError
 
     @property
     def use_kernel(self) -> bool:
         """Whether lamina's kernel serves some row counts (its packed layout is kept)."""
         return self.plan.uses("lamina")
 
+    @abc.abstractmethod
     def run(self, impl: str, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """`impl`'s product of 2-D x."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
