@@ -211,6 +211,8 @@ def time_impls(impls: dict[str, list[Callable[[], object]]], rounds: int = ROUND
 def copies_for(weight_bytes: int, rows: int) -> int:
     """How many weight copies a timing cycles through: enough to stream decode-sized steps' weights
     from memory; two for compute-bound row counts."""
+    if weight_bytes >= STREAM_BYTES:    # one copy is beyond the caches already (and large models' are big)
+        return 1
     if rows > DECODE_MAX_ROWS:
         return 2
     return max(2, min(32, STREAM_BYTES // max(weight_bytes, 1)))

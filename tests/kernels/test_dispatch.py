@@ -312,3 +312,10 @@ def test_a_cache_that_cannot_be_written_costs_only_the_next_measurement(tmp_path
         plan = plan_for(CFG, torch.bfloat16, torch.bfloat16, None, "cpu", CPU)
     assert plan.source.startswith("measured") and plan.linears
     assert "could not keep the kernel timings" in caplog.text
+
+
+def test_weight_copies_stream_from_memory_without_multiplying_a_large_model():
+    assert dispatch.copies_for(1 << 20, 1) == 32                 # 32 MiB of copies of a 1 MiB weight: past L2/L3
+    assert dispatch.copies_for(8 << 20, 1) == dispatch.STREAM_BYTES // (8 << 20)
+    assert dispatch.copies_for(1 << 20, 512) == 2                # compute-bound rows: two are enough
+    assert dispatch.copies_for(1 << 30, 1) == dispatch.copies_for(1 << 30, 512) == 1   # an 8B model's lm_head: one
