@@ -243,8 +243,3 @@ def load(namespace: str = "lamina", march: str = "native") -> bool:
                 log.warning("lamina's CPU kernels are unavailable, using torch's ops instead: %s", e)
                 _loaded[namespace, march] = False
         return _loaded[namespace, march]
-
-
-def usable(weight: torch.Tensor) -> bool:
-    """Whether a layer with this weight can call torch.ops.lamina."""
-    return weight.device.type == "cpu" and load()
