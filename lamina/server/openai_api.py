@@ -285,7 +285,7 @@ def parse_chat(body: dict, served_names: list[str], logits_width: int) -> Genera
     if body.get("audio") is not None:
         raise _not_supported("audio", "it produces text only")
     modalities = body.get("modalities")
-    if modalities is not None and (not isinstance(modalities, list) or set(modalities) - {"text"}):
+    if modalities is not None and (not isinstance(modalities, list) or any(m != "text" for m in modalities)):
         raise bad_request("Only the 'text' modality is supported.", "modalities", "unsupported_value")
     stream, include_usage = _stream_flags(body)
     want_logprobs = _bool(body, "logprobs", False)

@@ -223,7 +223,7 @@ CHAT = {**SAMPLING,
         "logprobs": mostly(st.booleans()),
         "top_logprobs": mostly(st.integers(0, 20), st.one_of(st.integers(21, 2 ** 40), st.integers(-5, -1), _any)),
         "tools": _any, "tool_choice": mostly(st.sampled_from(["none", "auto"])),
-        "response_format": mostly(st.just({"type": "text"})), "audio": _any, "modalities": mostly(st.just(["text"]))}
+        "response_format": mostly(st.just({"type": "text"})), "audio": _any, "modalities": mostly(st.just(["text"]), st.one_of(st.lists(_any, max_size=2), _any))}
 COMPLETIONS = {**SAMPLING,
                "logprobs": mostly(st.integers(0, 5), st.one_of(st.integers(21, 2 ** 40), st.integers(-5, -1), _any)),
                "echo": mostly(st.booleans()),

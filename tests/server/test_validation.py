@@ -61,7 +61,8 @@ def test_chat_bounds(server):
     for extra, param in [({"top_k": 18446744073709551616}, "top_k"), ({"seed": 2 ** 64}, "seed"),
                          ({"max_completion_tokens": 2 ** 70}, "max_completion_tokens"),
                          ({"stop": ["1", "2", "3", "4", "5"]}, "stop"),
-                         ({"logprobs": True, "top_logprobs": 2 ** 70}, "top_logprobs")]:
+                         ({"logprobs": True, "top_logprobs": 2 ** 70}, "top_logprobs"),
+                         ({"modalities": [[]]}, "modalities"), ({"modalities": ["text", "audio"]}, "modalities")]:
         _assert_400(http(server.port, "POST", "/v1/chat/completions", {**body, **extra}), param)
     # four stop strings of sane length are fine
     r = http(server.port, "POST", "/v1/chat/completions", {**body, "stop": ["a" * 200, "b", "c", "d"]})
