@@ -76,6 +76,7 @@ class LLM:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        self._check_grammars(params_list)
         ids = []
         try:
             for prompt, p in zip(prompts, params_list):
@@ -102,6 +103,13 @@ class LLM:
                 bar.close()
         return [finished[rid] for rid in ids]
 
+    def _check_grammars(self, params_list) -> None:
+        """An invalid schema, regex or grammar raises here (a RequestError, a ValueError) before
+        anything runs, as any other invalid parameter does."""
+        for spec in {p.structured_outputs.key: p.structured_outputs for p in params_list
+                     if p is not None and p.structured_outputs is not None}.values():
+            self.engine.grammars.compile(spec).result()
+
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} messages) or a list of conversations."""
@@ -120,6 +128,7 @@ class LLM:
         conversation. Stopping the iteration early aborts the request."""
         if chat:
             prompt = self._chat_prompt(prompt)
+        self._check_grammars([params])
         rid = self.engine.add_request(f"llm-{next(self._ids)}", prompt, params or SamplingParams())
         done = False
         try:

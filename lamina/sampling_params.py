@@ -1,6 +1,7 @@
 """What a request asks of the sampler, and what comes back."""
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,79 @@ MAX_STOP_STRINGS = 4         # OpenAI's limit; every one is searched for after e
 MAX_STOP_LENGTH = 256        # characters; a held-back stream tail is compared against each prefix
 MAX_TOKEN_IDS = 1024         # entries of logit_bias, and of stop_token_ids: applied per row each step
 MAX_REPETITION_PENALTY = 100.0
+
+
+MAX_GRAMMAR_CHARS = 1_000_000  # a schema, regex or grammar; the grammar engine bounds the work it does
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What a request's output must match; exactly one field is set.
+
+    json: a JSON schema (a dict or its JSON text); json_object: any JSON object; regex: a regular
+    expression (Rust regex syntax) the whole output matches; choice: one of these strings exactly;
+    grammar: a context-free grammar in Lark or GBNF (llama.cpp's) syntax."""
+    json: dict | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+    @classmethod
+    def of(cls, value) -> "StructuredOutputs | None":
+        """None, an instance, or a dict with the same keys (vLLM's `structured_outputs`)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise RequestError("Invalid type for 'structured_outputs': expected an object with one of "
+                               f"{', '.join(cls.KINDS)}.", param="structured_outputs", code="invalid_type")
+        unknown = set(value) - set(cls.KINDS)
+        if unknown:
+            raise RequestError(f"Unknown field(s) in 'structured_outputs': {', '.join(sorted(map(str, unknown)))}; "
+                               f"expected one of {', '.join(cls.KINDS)}.", param="structured_outputs")
+        return cls(**value)
+
+    def __post_init__(self):
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise RequestError("'structured_outputs' must set exactly one of "
+                               f"{', '.join(self.KINDS)}; got {', '.join(given) or 'none'}.",
+                               param="structured_outputs")
+        kind, value = given[0], getattr(self, given[0])
+        where = f"structured_outputs.{kind}"
+        if kind == "json" and not isinstance(value, (dict, str)):
+            raise RequestError(f"'{where}' must be a JSON schema (an object, or its JSON text).", param=where,
+                               code="invalid_type")
+        if kind == "json_object" and value is not True:
+            raise RequestError(f"'{where}' must be true.", param=where, code="invalid_type")
+        if kind in ("regex", "grammar") and (not isinstance(value, str) or not value):
+            raise RequestError(f"'{where}' must be a non-empty string.", param=where, code="invalid_type")
+        if kind == "choice":
+            if not isinstance(value, (list, tuple)) or not value:
+                raise RequestError(f"'{where}' must be a non-empty array of strings.", param=where)
+            if not all(isinstance(c, str) and c for c in value):
+                raise RequestError(f"'{where}' must hold non-empty strings only.", param=where)
+            object.__setattr__(self, "choice", tuple(value))
+        if len(self.key[1]) > MAX_GRAMMAR_CHARS:
+            raise RequestError(f"'{where}' is longer than {MAX_GRAMMAR_CHARS} characters.", param=where)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): equal keys compile to the same grammar."""
+        kind, value = self.kind, getattr(self, self.kind)
+        if kind == "json" and isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        elif kind == "choice":
+            value = json.dumps(list(value))
+        elif kind == "json_object":
+            value = ""
+        return kind, value
 
 
 def _short(value, limit: int = 40) -> str:
@@ -45,8 +119,10 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | dict | None = None   # constrain the output (grammar)
 
     def __post_init__(self):
+        self.structured_outputs = StructuredOutputs.of(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

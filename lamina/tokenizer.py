@@ -108,6 +108,10 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
 
+    def to_json(self) -> str:
+        """The whole tokenizer as tokenizer.json text (what the grammar engine reads)."""
+        return self._tok.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 

@@ -51,6 +51,10 @@ class AsyncEngine:
         it adds, and a refused one raises from the stream before any output."""
         self.engine.validate(prompt_token_ids, params.with_defaults(self.engine.generation_defaults), prompt_param)
 
+    def compile_grammar(self, spec):
+        """A future of spec's compiled grammar (thread-safe; compiled once, off the step thread)."""
+        return self.engine.grammars.compile(spec)
+
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None,
                        prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (each carries the deltas since the previous one). Invalid

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from lamina.config import EngineConfig, ModelConfig
 from lamina.engine import sampler
 from lamina.engine.errors import RequestError, check_context_length
+from lamina.engine.grammar import GrammarCompiler, TokenMasks
 from lamina.engine.kv_cache import BlockManager
 from lamina.engine.metrics import EngineStats, StepStats
 from lamina.engine.model_runner import ModelRunner
@@ -39,6 +41,7 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     aborted: bool = False
+    grammar: object = None     # a Future of its CompiledGrammar, until its sequences have their states
 
     @property
     def finished(self) -> bool:
@@ -84,6 +87,10 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        width = self.model_config.vocab_size
+        self.grammars = GrammarCompiler(self.tokenizer.to_json(), width, list(self.eos_token_ids))
+        self.token_masks = TokenMasks(width)
+        self._awaiting_grammar: list[Request] = []
         self.stats = EngineStats(kv_blocks_total=self.runner.num_blocks, kv_blocks_free=self.runner.num_blocks,
                                  block_size=self.config.block_size)
         cfg = self.config
@@ -149,6 +156,12 @@ class LLMEngine:
         for s in seqs[1:]:
             s.wait_for = seqs[0]
         req = Request(request_id, text, ids, seqs, metrics)
+        if params.structured_outputs is not None:
+            # compiled off this thread; its sequences wait in the queue until it is ready
+            req.grammar = self.grammars.compile(params.structured_outputs)
+            for s in seqs:
+                s.awaiting_grammar = req.grammar
+            self._awaiting_grammar.append(req)
         self.requests[request_id] = req
         for s in seqs:
             self.scheduler.add(s)
@@ -173,11 +186,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         prof = self.profiler
         prof.start()
+        if self._awaiting_grammar:
+            self._start_grammars()
         batch = self.scheduler.schedule()
         prof.mark("schedule")
         if prof.enabled:
             prof.describe(self._shape(batch))
         outputs, self._pending_outputs = self._pending_outputs, []
+        if not batch.seqs and self._awaiting_grammar and not outputs:
+            # nothing can run until a grammar is compiled: wait for one rather than spin
+            wait([r.grammar for r in self._awaiting_grammar], timeout=0.01, return_when=FIRST_COMPLETED)
         if batch.seqs:
             try:
                 self._run_batch(batch, outputs)
@@ -190,6 +208,26 @@ class LLMEngine:
         self._update_stats(batch)
         prof.stop()
         return outputs
+
+    def _start_grammars(self) -> None:
+        """Give each sequence whose grammar has compiled its own state, so it may be scheduled; a
+        grammar that failed to compile fails its request with the compiler's reason."""
+        still = []
+        for req in self._awaiting_grammar:
+            if req.request_id not in self.requests or req.finished:
+                continue
+            if not req.grammar.done():
+                still.append(req)
+                continue
+            error = req.grammar.exception()
+            for seq in req.seqs:
+                seq.awaiting_grammar = None
+                if error is None:
+                    seq.grammar = req.grammar.result().new_state()
+            if error is not None:
+                log.info("request %s: %s", req.request_id, error)
+                self._fail_request(req.request_id, self._pending_outputs, str(error))
+        self._awaiting_grammar = still
 
     @staticmethod
     def _shape(batch: ScheduledBatch) -> StepShape:
@@ -206,6 +244,7 @@ class LLMEngine:
     def close(self) -> None:
         """Finish what the engine writes on its way out: the step traces (--trace-dir)."""
         self.profiler.close()
+        self.grammars.close()
 
     def profile_report(self) -> str:
         """--profile-steps' report; on CPU beside this machine's peaks, measured now (a second or two)."""
@@ -234,7 +273,9 @@ class LLMEngine:
                 log.exception("request %s failed in the engine", seq.request_id)
                 self._fail_request(seq.request_id, outputs)
 
-    def _fail_request(self, request_id: str, outputs: list[RequestOutput]) -> None:
+    def _fail_request(self, request_id: str, outputs: list[RequestOutput],
+                      error: str = "the engine failed while serving this request; other requests are unaffected"
+                      ) -> None:
         req = self.requests.get(request_id)
         if req is None:
             return
@@ -242,7 +283,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self._finish(seq, "error")
         out = self._make_output(req)
-        out.error = "the engine failed while serving this request; other requests are unaffected"
+        out.error = error
         outputs.append(out)
 
     @staticmethod
@@ -317,16 +358,18 @@ class LLMEngine:
         # would be tens of MB of float32 per step)
         if len(sample_rows) < logits.shape[0]:
             logits = logits[np.asarray(sample_rows)]
+        allowed = self.token_masks.allowed([s.grammar for s in sample_seqs], logits.device)
         if sampler.is_plain_greedy(params, banned):
-            return logits.argmax(dim=-1).tolist(), [None] * len(params)
-        return self._sample(sample_seqs, params, banned, logits)
+            return sampler.apply_allowed(logits, allowed).argmax(dim=-1).tolist(), [None] * len(params)
+        return self._sample(sample_seqs, params, banned, logits, allowed)
 
-    def _sample(self, sample_seqs, params, banned, logits):
+    def _sample(self, sample_seqs, params, banned, logits, allowed):
         # token histories only feed the penalties: skip copying them on every step when none is set
         penalized = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params)
         prompts = [s.token_ids[:s.num_prompt_tokens] if penalized else [] for s in sample_seqs]
         outputs_so_far = [s.output_token_ids if penalized else [] for s in sample_seqs]
-        sb = sampler.SamplingBatch.build(params, prompts, outputs_so_far, banned, [s.generator for s in sample_seqs])
+        sb = sampler.SamplingBatch.build(params, prompts, outputs_so_far, banned, [s.generator for s in sample_seqs],
+                                         allowed)
         return sampler.sample(logits, sb)
 
     def _prompt_logprobs(self, seq: Sequence, logits, rows: range) -> list[TokenLogprob]:
@@ -360,6 +403,10 @@ class LLMEngine:
         seq.text += seq.detokenizer.add([token])
         if may_stop and p.stop and self._check_stop_strings(seq, old_len):
             return
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
+            if seq.grammar.finished:   # the output is complete: no need to sample an EOS
+                return self._finish(seq, "stop", flush=True)
         if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             self._finish(seq, "length", flush=True)
 

@@ -29,16 +29,18 @@ class SamplingBatch:
     banned: list[list[int]]          # token ids forbidden this step (EOS/stop ids before min_tokens)
     generators: list[torch.Generator | None]
     num_logprobs: list[int | None]
+    allowed: torch.Tensor | None = None  # [B, V] bool: what each row's grammar allows (structured outputs)
 
     @classmethod
-    def build(cls, params: list[SamplingParams], prompt_ids, output_ids, banned, generators) -> "SamplingBatch":
+    def build(cls, params: list[SamplingParams], prompt_ids, output_ids, banned, generators,
+              allowed: torch.Tensor | None = None) -> "SamplingBatch":
         f = lambda name: torch.tensor([float(getattr(p, name)) for p in params])
         return cls(
             temperature=f("temperature"), top_k=torch.tensor([max(int(p.top_k), 0) for p in params]),
             top_p=f("top_p"), min_p=f("min_p"), presence_penalty=f("presence_penalty"),
             frequency_penalty=f("frequency_penalty"), repetition_penalty=f("repetition_penalty"),
             output_ids=output_ids, prompt_ids=prompt_ids, logit_bias=[p.logit_bias for p in params],
-            banned=banned, generators=generators, num_logprobs=[p.logprobs for p in params])
+            banned=banned, generators=generators, num_logprobs=[p.logprobs for p in params], allowed=allowed)
 
 
 def _padded(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +87,11 @@ def apply_bias_and_bans(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits
 
 
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Only what the grammar allows may be sampled: everything else to -inf."""
+    return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+
+
 def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Mask (to -inf) what top-k, top-p (nucleus) and min-p exclude. Expects temperature applied."""
     device = logits.device
@@ -121,7 +128,7 @@ def is_plain_greedy(params: list[SamplingParams], banned: list[list[int]]) -> bo
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] float32 -> (token ids, logprob records for rows that asked for them)."""
     raw = logits
-    logits = apply_bias_and_bans(apply_penalties(logits, b), b)
+    logits = apply_allowed(apply_bias_and_bans(apply_penalties(logits, b), b), b.allowed)
     temperature = b.temperature.to(logits.device)
     greedy = temperature == 0
     greedy_tokens = logits.argmax(dim=-1)

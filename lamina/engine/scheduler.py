@@ -137,7 +137,7 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.first()
-            if seq.wait_for is not None and not self._sibling_ready(seq):
+            if seq.awaiting_grammar is not None or (seq.wait_for is not None and not self._sibling_ready(seq)):
                 skipped.append(self.waiting.popleft())   # let later requests by meanwhile
                 continue
             hits = self.blocks.match_prefix(seq)

@@ -50,6 +50,9 @@ class Sequence:
         self.num_logprobs_sent = 0
         self.wait_for: "Sequence | None" = None  # a sibling whose prompt blocks this one should reuse
         self.last_token_time: float | None = None
+        # structured outputs: the compile this sequence waits for before it may run, then its state
+        self.awaiting_grammar = None          # a Future of a CompiledGrammar
+        self.grammar = None                   # a GrammarState
 
     def __len__(self) -> int:
         return len(self.token_ids)

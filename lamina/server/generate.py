@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from lamina.engine.errors import EngineDeadError, RequestError, RequestFailedError
 from lamina.server import openai_api as oai
+from lamina.server import tools
 from lamina.server.errors import APIError, bad_request, from_request_error, internal_error
 from lamina.server.http import ClientGone, Exchange, Request
 from lamina.tokenizer import ChatTemplateError
@@ -34,6 +35,7 @@ class _Choice:
     num_tokens: int = 0
     finish_reason: str | None = None
     offset: int = 0     # legacy logprobs: text offset of the next token
+    calls: tools.CallParser | None = None   # chat with tools: splits the reply into content and calls
 
 
 class _Aborted(Exception):
@@ -59,12 +61,18 @@ def decode_ids(tok, ids: list[int], skip_special_tokens: bool = True) -> str:
     return tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The chat template's text. A template's own refusal (ChatTemplateError: roles that do not
-    alternate, a missing template) is the client's to fix: a 400 with its message. Anything else
-    is our bug: it propagates to a 500 that says nothing of it."""
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True,
+                tool_use: tools.ToolUse | None = None) -> str:
+    """The chat template's text, tools included. A template's own refusal (ChatTemplateError: roles
+    that do not alternate, a missing template) is the client's to fix: a 400 with its message.
+    Anything else is our bug: it propagates to a 500 that says nothing of it."""
+    native, call_format = tools.template_format(tok.chat_template)
+    messages = tools.template_messages(messages, tool_use, native, call_format)
+    kwargs = {}
+    if native and tool_use is not None and tool_use.choice != "none":
+        kwargs["tools"] = [t.as_openai() for t in tool_use.tools]
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
     except ChatTemplateError as e:
         raise bad_request(f"The chat template could not render these messages: {e}", "messages") from None
 
@@ -76,17 +84,23 @@ def parse_request(app, kind: str, body: bytes) -> tuple[oai.GenerationRequest, l
     obj = oai.load_json(body)
     width = logits_width(app.engine)
     if kind == "chat":
-        gen = oai.parse_chat(obj, app.served_names, width)
+        gen = oai.parse_chat(obj, app.served_names, width, tools.template_format(app.engine.tokenizer.chat_template)[1])
     else:
         gen = oai.parse_completion(obj, app.served_names, width, min(width, app.engine.tokenizer.vocab_size))
     return gen, _prepare(app, gen)
 
 
 def _prepare(app, gen: oai.GenerationRequest) -> list[_Prompt]:
-    """Tokenize the prompt(s), resolve max_tokens and check that everything fits the context."""
+    """Tokenize the prompt(s), resolve max_tokens, check that everything fits the context, and
+    compile the output's grammar (a 400 if it is invalid; then the engine finds it compiled)."""
     tok = app.engine.tokenizer
+    if gen.params.structured_outputs is not None:
+        try:
+            app.engine.compile_grammar(gen.params.structured_outputs).result()
+        except RequestError as e:
+            raise RequestError(e.message, param=gen.grammar_param or e.param, code=e.code) from None
     if gen.kind == "chat":
-        text = render_chat(tok, gen.messages)
+        text = render_chat(tok, gen.messages, tool_use=gen.tool_use)
         raw = [(text, encode_text(tok, text, False, "messages"))]
         param = "messages"
     else:
@@ -185,7 +199,10 @@ class _Run:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.n = gen.params.n
-        self.choices = [_Choice(p * self.n + i, p) for p in range(len(prompts)) for i in range(self.n)]
+        use = gen.tool_use
+        self.choices = [_Choice(p * self.n + i, p, calls=tools.CallParser(use.format)
+                                if use is not None and use.parses_calls else None)
+                        for p in range(len(prompts)) for i in range(self.n)]
         self.cached = [0] * len(prompts)
         self.seen = [False] * len(prompts)
         self.t0 = time.monotonic()
@@ -244,19 +261,30 @@ class _Run:
                     c.num_tokens = len(o.token_ids)
                     if o.delta_token_ids and self.ttft is None:
                         self.ttft = time.monotonic() - self.t0
-                    if o.delta_text or o.delta_logprobs:
-                        c.text += o.delta_text
+                    if o.delta_text or o.delta_logprobs or (c.calls is not None and o.finish_reason is not None):
                         lp = self._delta_logprobs(c, o)
                         if self.gen.kind == "chat":
-                            batch.append({"index": c.index, "delta": {"content": o.delta_text}, "logprobs": lp,
-                                          "finish_reason": None})
+                            content, calls = o.delta_text, []
+                            if c.calls is not None:
+                                content, calls = c.calls.feed(o.delta_text, final=o.finish_reason is not None)
+                            c.text += content
+                            if content or (lp and not calls):
+                                batch.append({"index": c.index, "delta": {"content": content}, "logprobs": lp,
+                                              "finish_reason": None})
+                                lp = None
+                            if calls:
+                                batch.append({"index": c.index, "delta": {"tool_calls": calls}, "logprobs": lp,
+                                              "finish_reason": None})
                         else:
+                            c.text += o.delta_text
                             batch.append({"index": c.index, "text": o.delta_text, "logprobs": lp,
                                           "finish_reason": None})
                     if o.finish_reason is not None:
                         if o.finish_reason == "abort":
                             raise _Aborted()
                         c.finish_reason = o.finish_reason
+                        if c.calls is not None and c.calls.calls and o.finish_reason == "stop":
+                            c.finish_reason = "tool_calls"
                         if self.gen.kind == "chat":
                             batch.append({"index": c.index, "delta": {}, "logprobs": None,
                                           "finish_reason": c.finish_reason})
@@ -288,6 +316,13 @@ class _Run:
         await ex.write(oai.SSE_DONE)
         await ex.end_stream()
 
+    @staticmethod
+    def _message(c: _Choice) -> dict:
+        if c.calls is None or not c.calls.calls:
+            return {"role": "assistant", "content": c.text, "refusal": None}
+        return {"role": "assistant", "content": c.text.strip() or None, "refusal": None,
+                "tool_calls": [call.as_openai() for call in c.calls.calls]}
+
     async def whole(self) -> None:
         want_lp = self.gen.logprobs is not None
         chat = self.gen.kind == "chat"
@@ -301,8 +336,8 @@ class _Run:
                         if isinstance(values, list):
                             values.extend(item["logprobs"][key])
         if chat:
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                        "logprobs": logprobs.get(c.index), "finish_reason": c.finish_reason} for c in self.choices]
+            choices = [{"index": c.index, "message": self._message(c), "logprobs": logprobs.get(c.index),
+                        "finish_reason": c.finish_reason} for c in self.choices]
         else:
             choices = [{"index": c.index, "text": c.text, "logprobs": logprobs.get(c.index),
                         "finish_reason": c.finish_reason} for c in self.choices]

@@ -2,7 +2,7 @@
 
 Validation follows what OpenAI's API and its official client do: unknown fields are ignored, `null` means "default",
 wrong types or values are a 400 naming the parameter, and fields whose meaning would be lost if
-ignored (tools, non-text response formats, image/audio parts, suffix, best_of) are a clear 400.
+ignored (image/audio parts, suffix, best_of) are a clear 400.
 """
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from lamina.sampling_params import SamplingParams, TokenLogprob
+from lamina.engine.errors import RequestError
+from lamina.sampling_params import SamplingParams, StructuredOutputs, TokenLogprob
+from lamina.server import tools
 from lamina.server.errors import APIError, bad_request
 
 SYSTEM_FINGERPRINT = "lamina"
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM uses the same stand-in
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass
@@ -30,6 +32,8 @@ class GenerationRequest:
     prompts: list[str | list[int]] = field(default_factory=list)  # completions: text or token ids
     echo: bool = False
     logprobs: int | None = None               # None: off; else top-k alternatives to report
+    tool_use: tools.ToolUse | None = None     # chat: the tools offered, and how calls are chosen
+    grammar_param: str | None = None          # the field the output's grammar came from, for its errors
 
 
 # -- JSON and typed fields ------------------------------------------------------------------------
@@ -165,7 +169,8 @@ def _stream_flags(body) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _sampling_params(body, *, max_tokens, vocab_size, logprobs=None, prompt_logprobs=None) -> SamplingParams:
+def _sampling_params(body, *, max_tokens, vocab_size, logprobs=None, prompt_logprobs=None,
+                     structured_outputs=None) -> SamplingParams:
     """`vocab_size`: the width of the model's logits, which logit_bias and stop_token_ids index."""
     n = _int(body, "n", 1, MAX_N)
     stop_token_ids = body.get("stop_token_ids")
@@ -189,12 +194,65 @@ def _sampling_params(body, *, max_tokens, vocab_size, logprobs=None, prompt_logp
         ignore_eos=_bool(body, "ignore_eos", False),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
+        structured_outputs=structured_outputs,
     )
     if kwargs["top_p"] == 0:  # OpenAI allows 0; it means "only the most likely token"
         kwargs["top_p"], kwargs["top_k"] = 1.0, 1
     params = SamplingParams(**kwargs)   # RequestError (param named) if a value is out of range
     params.check_token_ids(vocab_size)
     return params
+
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _response_format(body) -> StructuredOutputs | None:
+    fmt = _typed(body, "response_format", (dict,), "an object")
+    if fmt is None:
+        return None
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind != "json_schema":
+        raise bad_request(f"Invalid value for 'response_format.type': {_short(repr(kind))}. Supported values "
+                          "are: 'text', 'json_object' and 'json_schema'.", "response_format.type")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad_request("Missing required parameter: 'response_format.json_schema'.",
+                          "response_format.json_schema", "missing_required_parameter")
+    if not isinstance(spec.get("name"), str):
+        raise bad_request("Missing required parameter: 'response_format.json_schema.name'.",
+                          "response_format.json_schema.name", "missing_required_parameter")
+    schema = spec.get("schema")
+    if schema is None:
+        return StructuredOutputs(json_object=True)
+    if not isinstance(schema, dict):
+        raise bad_request("Invalid type for 'response_format.json_schema.schema': expected an object.",
+                          "response_format.json_schema.schema", "invalid_type")
+    return StructuredOutputs(json=schema)
+
+
+def _structured_outputs(body) -> tuple[StructuredOutputs | None, str | None]:
+    """What the output must match, from OpenAI's response_format or vLLM's structured_outputs (or
+    its older guided_* fields), and which field said so. At most one of them may be given."""
+    found = []
+    fmt = _response_format(body)
+    if fmt is not None:
+        found.append((fmt, "response_format"))
+    if body.get("structured_outputs") is not None:
+        found.append((StructuredOutputs.of(body["structured_outputs"]), "structured_outputs"))
+    for name, kind in _GUIDED.items():
+        if body.get(name) is not None:
+            try:
+                found.append((StructuredOutputs(**{kind: body[name]}), name))
+            except RequestError as e:
+                raise RequestError(e.message.replace(f"structured_outputs.{kind}", name), param=name,
+                                   code=e.code) from None
+    if len(found) > 1:
+        raise bad_request(f"Give at most one of {', '.join(repr(n) for _, n in found)}.", found[1][1])
+    return found[0] if found else (None, None)
 
 
 def _max_tokens(body, names, lo: int):
@@ -254,34 +312,61 @@ def parse_messages(value) -> list[dict]:
         if role is None:
             raise bad_request(f"Missing required parameter: 'messages[{i}].role'.", f"messages[{i}].role",
                               "missing_required_parameter")
-        if role in ("tool", "function"):
-            raise bad_request(f"Messages with role '{role}' are not supported: this server has no tool "
-                              f"calling.", f"messages[{i}].role", "unsupported_value")
+        if role == "function":
+            raise bad_request("Messages with role 'function' (the deprecated function calling) are not "
+                              "supported: use 'tool'.", f"messages[{i}].role", "unsupported_value")
         if role not in _ROLES:
-            raise bad_request(f"Invalid value for 'messages[{i}].role': {role!r}. Supported values are: "
-                              f"'system', 'developer', 'user' and 'assistant'.", f"messages[{i}].role")
-        if m.get("tool_calls"):
-            raise bad_request("Assistant messages with 'tool_calls' are not supported: this server has no "
-                              "tool calling.", f"messages[{i}].tool_calls", "unsupported_value")
-        msg = {"role": "system" if role == "developer" else role, "content": _content(m, i)}
+            raise bad_request(f"Invalid value for 'messages[{i}].role': {_short(repr(role))}. Supported values "
+                              f"are: 'system', 'developer', 'user', 'assistant' and 'tool'.", f"messages[{i}].role")
+        calls = _tool_calls(m, i) if role == "assistant" else None
+        msg = {"role": "system" if role == "developer" else role,
+               "content": None if calls and m.get("content") is None else _content(m, i)}
+        if calls:
+            msg["tool_calls"] = calls
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise bad_request(f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                                  f"messages[{i}].tool_call_id", "missing_required_parameter")
+            msg["tool_call_id"] = call_id
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
         out.append(msg)
     return out
 
 
-def parse_chat(body: dict, served_names: list[str], logits_width: int) -> GenerationRequest:
+def _tool_calls(m: dict, i: int) -> list[dict] | None:
+    """An assistant message's earlier tool calls, checked: OpenAI's shape, arguments as JSON text."""
+    calls = m.get("tool_calls")
+    if calls is None:
+        return None
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise bad_request(f"Invalid type for '{where}': expected an array.", where, "invalid_type")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise bad_request(f"Invalid '{where}[{j}]': expected {{\"id\", \"type\": \"function\", \"function\": "
+                              f"{{\"name\", \"arguments\"}}}} with arguments as a JSON string.", f"{where}[{j}]")
+        out.append({"id": str(c.get("id", "")), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return out
+
+
+def parse_chat(body: dict, served_names: list[str], logits_width: int,
+               tool_format: str = "hermes") -> GenerationRequest:
+    """`tool_format`: how this model writes tool calls (see lamina.server.tools)."""
     model = resolve_model(body, served_names)
     messages = parse_messages(body.get("messages"))
-    if body.get("tools") is not None:
-        raise _not_supported("tools", "it has no tool calling")
-    tool_choice = body.get("tool_choice")
-    if tool_choice not in (None, "none", "auto"):  # without tools, "auto" can only mean none
-        raise _not_supported("tool_choice", "it has no tool calling")
-    fmt = _typed(body, "response_format", (dict,), "an object")
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise bad_request(f"response_format type {fmt.get('type')!r} is not supported: only 'text'.",
-                          "response_format", "unsupported_value")
+    tool_use = tools.parse_tool_use(body, tool_format)
+    structured, grammar_param = _structured_outputs(body)
+    forced = tools.forced_call_grammar(tool_use) if tool_use is not None else None
+    if forced is not None:
+        if structured is not None:
+            raise bad_request(f"'{grammar_param}' cannot be combined with a tool_choice that forces a call.",
+                              grammar_param)
+        structured, grammar_param = forced, "tools"
     if body.get("audio") is not None:
         raise _not_supported("audio", "it produces text only")
     modalities = body.get("modalities")
@@ -294,9 +379,10 @@ def parse_chat(body: dict, served_names: list[str], logits_width: int) -> Genera
         raise bad_request("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens", "maximum_tokens"), 1)
-    params = _sampling_params(body, max_tokens=max_tokens, vocab_size=logits_width, logprobs=logprobs)
+    params = _sampling_params(body, max_tokens=max_tokens, vocab_size=logits_width, logprobs=logprobs,
+                              structured_outputs=structured)
     return GenerationRequest("chat", model, params, stream, include_usage, messages=messages,
-                             logprobs=logprobs)
+                             logprobs=logprobs, tool_use=tool_use, grammar_param=grammar_param)
 
 
 # -- legacy completions --------------------------------------------------------------------------
@@ -333,10 +419,12 @@ def parse_completion(body: dict, served_names: list[str], logits_width: int,
     logprobs = _int(body, "logprobs", 0, 20)
     echo = _bool(body, "echo", False)
     max_tokens = _max_tokens(body, ("max_tokens", "maximum_tokens"), 0)
+    structured, grammar_param = _structured_outputs(body)
     params = _sampling_params(body, max_tokens=16 if max_tokens is None else max_tokens, vocab_size=logits_width,
-                              logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+                              logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
+                              structured_outputs=structured)
     return GenerationRequest("completion", model, params, stream, include_usage, prompts=prompts, echo=echo,
-                             logprobs=logprobs)
+                             logprobs=logprobs, grammar_param=grammar_param)
 
 
 # -- response shapes -----------------------------------------------------------------------------
