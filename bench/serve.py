@@ -157,6 +157,7 @@ def make_payload(args, rng: random.Random) -> dict:
                "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         payload["ignore_eos"] = True
+    payload.update(args.extra_body or {})
     if args.endpoint == "chat":
         payload["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -310,6 +311,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let requests end at EOS (default: send ignore_eos so every output has max_tokens)")
+    p.add_argument("--extra-body", type=json.loads, default=None,
+                   help="JSON object merged into every request (e.g. a response_format)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--health-url", default=None,

@@ -1,8 +1,8 @@
 """lamina: a small, readable LLM inference engine."""
-from lamina.sampling_params import RequestOutput, SamplingParams
+from lamina.sampling_params import RequestOutput, SamplingParams, StructuredOutputs
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "__version__"]
 
 
 def __getattr__(name):
