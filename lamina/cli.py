@@ -61,6 +61,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="write a Chrome/Perfetto trace of the engine's steps (a span per step and phase) into DIR")
     g.add_argument("--profile-torch-steps", type=int, default=0, metavar="N",
                    help="with --trace-dir: also torch profiler's op-level trace of the first N steps")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        "(prompt_lookup_max / prompt_lookup_min: the n-gram sizes tried; default 4 / 1)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

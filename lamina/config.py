@@ -115,6 +115,7 @@ class EngineConfig:
     profile_steps: bool = False
     trace_dir: str | None = None              # write a Chrome/Perfetto trace of the engine's steps there
     profile_torch_steps: int = 0              # with trace_dir: torch profiler's op-level trace of this many steps
+    speculative_config: dict | str | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...}
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -254,6 +254,8 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    spec_drafted: int = 0       # speculative decoding: draft tokens verified for this request
+    spec_accepted: int = 0      # ... and kept
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lamina.config import EngineConfig, ModelConfig
-from lamina.engine import sampler
+from lamina.engine import sampler, speculative
 from lamina.engine.errors import RequestError, check_context_length
 from lamina.engine.grammar import GrammarCompiler, TokenMasks
 from lamina.engine.kv_cache import BlockManager
@@ -91,6 +91,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer.to_json(), width, list(self.eos_token_ids))
         self.token_masks = TokenMasks(width)
         self._awaiting_grammar: list[Request] = []
+        self._step_accepted = 0   # draft tokens this step kept (speculative decoding)
         self.stats = EngineStats(kv_blocks_total=self.runner.num_blocks, kv_blocks_free=self.runner.num_blocks,
                                  block_size=self.config.block_size)
         cfg = self.config
@@ -188,6 +189,9 @@ class LLMEngine:
         prof.start()
         if self._awaiting_grammar:
             self._start_grammars()
+        if self.config.speculative is not None:
+            self._propose()
+        self._step_accepted = 0
         batch = self.scheduler.schedule()
         prof.mark("schedule")
         if prof.enabled:
@@ -206,7 +210,7 @@ class LLMEngine:
                 log.exception("a step of %d sequences failed; running them one at a time", len(batch.seqs))
                 self._run_one_by_one(batch, outputs)
         self._update_stats(batch)
-        prof.stop()
+        prof.stop(accepted_tokens=self._step_accepted)
         return outputs
 
     def _start_grammars(self) -> None:
@@ -236,10 +240,12 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             before = seq.num_computed_tokens
             context += before + n
-            sampled += before + n == len(seq)
+            sampled += (len(seq.draft) + 1) * (before + n == len(seq) + len(seq.draft))
             pairs += n * before + n * (n + 1) // 2      # each new token attends to the prefix and to itself
-        return StepShape(prefill_tokens=batch.num_tokens - batch.num_decode, decode_tokens=batch.num_decode,
-                         num_seqs=len(batch.seqs), sampled_rows=sampled, context_tokens=context, attended_pairs=pairs)
+        decode = batch.num_decode + batch.num_draft
+        return StepShape(prefill_tokens=batch.num_tokens - decode, decode_tokens=decode, num_seqs=len(batch.seqs),
+                         sampled_rows=sampled, context_tokens=context, attended_pairs=pairs,
+                         drafted_tokens=batch.num_draft)
 
     def close(self) -> None:
         """Finish what the engine writes on its way out: the step traces (--trace-dir)."""
@@ -302,10 +308,10 @@ class LLMEngine:
         tokens (we then sample), plus the prompt tokens whose logprobs were asked for."""
         rows, samplers = [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            done = seq.num_computed_tokens + n == len(seq)
+            done = seq.num_computed_tokens + n == len(seq) + len(seq.draft)
             r = list(self._prompt_rows(seq, n))
             if done:   # prompt rows end before the last prompt token, so n - 1 is never among them
-                r.append(n - 1)
+                r.extend(range(n - 1 - len(seq.draft), n))   # a draft's k tokens, and the one before
             rows.append(np.asarray(r, dtype=np.int64))
             samplers.append(done)
         return rows, samplers
@@ -315,32 +321,44 @@ class LLMEngine:
         the commit changed nothing and can run again."""
         prof = self.profiler
         offset = 0
-        records, sample_seqs, sample_rows = [], [], []
+        records, sample_seqs, sample_rows, verify_seqs, verify_rows = [], [], [], [], []
         for seq, n, rows, samples in zip(batch.seqs, batch.num_new_tokens, logits_rows, samplers):
             prompt_rows = self._prompt_rows(seq, n)
             records.append(self._prompt_logprobs(seq, logits[offset:offset + len(prompt_rows)], prompt_rows)
                            if len(prompt_rows) else None)
-            if samples and seq.params.max_tokens != 0:
+            if samples and seq.draft:
+                verify_seqs.append(seq)
+                verify_rows.append(offset + len(rows) - 1 - len(seq.draft))
+            elif samples and seq.params.max_tokens != 0:
                 sample_seqs.append(seq)
                 sample_rows.append(offset + len(rows) - 1)
             offset += len(rows)
         token_ids, logprobs = self._sample_rows(sample_seqs, sample_rows, logits) if sample_seqs else ([], [])
+        kept = [self._verify(seq, first, logits) for seq, first in zip(verify_seqs, verify_rows)]
         prof.mark("sample")
         now = time.time()
+        verified = {seq.seq_id: len(tokens) - 1 for seq, (tokens, _) in zip(verify_seqs, kept)}
         for seq, n, samples, recs in zip(batch.seqs, batch.num_new_tokens, samplers, records):
             if recs:
                 seq.prompt_logprobs.extend(recs)
-            seq.num_computed_tokens += n
+            if seq.seq_id in verified:   # the cache keeps the accepted drafts' K/V, not the rejected ones'
+                self._commit_draft(seq, n, verified[seq.seq_id])
+            else:
+                seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
             if samples and seq.params.max_tokens == 0:   # scoring only: the prompt's logprobs
                 self._finish(seq, "length")
                 outputs.append(self._make_output(self.requests[seq.request_id]))
         touched: dict[str, Request] = {}
-        for seq, tok, lp in zip(sample_seqs, token_ids, logprobs):
+        runs = [([t], [lp]) for t, lp in zip(token_ids, logprobs)] + kept
+        for seq, (tokens, lps) in zip(sample_seqs + verify_seqs, runs):
             if seq.is_finished:  # its request failed on an earlier sample of this step
                 continue
             try:
-                self._append(seq, tok, lp, now)
+                for tok, lp in zip(tokens, lps):   # a stop ends the run: later tokens are dropped
+                    self._append(seq, tok, lp, now)
+                    if seq.is_finished:
+                        break
             except Exception:  # committed state is kept; only this request ends
                 log.exception("request %s failed in the engine", seq.request_id)
                 touched.pop(seq.request_id, None)
@@ -350,6 +368,53 @@ class LLMEngine:
         for req in touched.values():
             outputs.append(self._make_output(req))
         prof.mark("detokenize")
+
+    def _verify(self, seq: Sequence, first: int, logits) -> tuple[list[int], list]:
+        """Check seq's draft against the logits of its k+1 rows from `first`: the tokens to keep
+        (accepted drafts, then one of the model's own) and their logprob records. Each row is
+        sampled as plain decoding would sample it there (penalties and min_tokens counting the
+        drafts before it)."""
+        draft, p = seq.draft, seq.params
+        rows = logits[first:first + len(draft) + 1]
+        outputs = seq.output_token_ids
+        history = [outputs + draft[:i] for i in range(len(draft) + 1)]
+        banned = [[] if len(h) >= p.min_tokens else self._banned(seq) for h in history]
+        penalized = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+        sb = sampler.SamplingBatch.build([p] * len(history), [seq.token_ids[:seq.num_prompt_tokens] if penalized
+                                                               else []] * len(history),
+                                         history if penalized else [[]] * len(history), banned,
+                                         [None] * len(history))
+        processed = sampler.processed_logits(rows, sb)
+        probs = processed if p.greedy else sampler.probabilities(processed, sb)
+        tokens = speculative.verify(probs.float().cpu(), p.greedy, draft, seq.generator)
+        lps = (sampler.compute_logprobs(rows[:len(tokens)], tokens, [p.logprobs] * len(tokens))
+               if p.logprobs is not None else [None] * len(tokens))
+        return tokens, lps
+
+    def _commit_draft(self, seq: Sequence, n: int, accepted: int) -> None:
+        k = len(seq.draft)
+        seq.num_computed_tokens += n - (k - accepted)
+        self.block_manager.trim(seq)
+        seq.draft = []
+        seq.spec.drafted += k
+        seq.spec.accepted += accepted
+        seq.metrics.spec_drafted += k
+        seq.metrics.spec_accepted += accepted
+        self.stats.record_draft(k, accepted)
+        self._step_accepted += accepted
+
+    def _propose(self) -> None:
+        """Drafts for this step's decoding sequences; none where a draft could overshoot max_tokens
+        or the context, for constrained sequences, or where drafting has stopped paying off."""
+        cfg = self.config.speculative
+        for seq in self.scheduler.running:
+            if seq.in_prefill or seq.grammar is not None or not seq.spec.worth_it:
+                continue
+            p = seq.params
+            k = min(cfg.num_speculative_tokens, p.max_tokens - seq.num_output_tokens - 1,
+                    self.max_model_len - len(seq) - 1)
+            if k > 0:
+                seq.draft = speculative.propose_ngram(seq.token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
 
     def _sample_rows(self, sample_seqs, sample_rows, logits):
         params = [s.params for s in sample_seqs]
@@ -482,8 +547,9 @@ class LLMEngine:
             st.kv_blocks_free = len(bm.free)
             st.kv_blocks_used = bm.num_blocks - len(bm.cached) - len(bm.free)
             st.num_preemptions_total += batch.num_preempted
-            st.last_step = StepStats(st.num_running, st.num_waiting, batch.num_tokens - batch.num_decode,
-                                     batch.num_decode, batch.num_preempted)
+            decode = batch.num_decode + batch.num_draft
+            st.last_step = StepStats(st.num_running, st.num_waiting, batch.num_tokens - decode, decode,
+                                     batch.num_preempted)
             for seq, looked_up in batch.admitted:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = time.time()

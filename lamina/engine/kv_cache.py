@@ -112,6 +112,16 @@ class BlockManager:
         while len(seq.block_table) < need:
             seq.block_table.append(self._take_block())
 
+    def trim(self, seq: Sequence) -> None:
+        """Return the blocks past seq's computed tokens (those only rejected draft tokens used).
+        They are its own and unhashed: only full blocks of computed tokens are ever hashed."""
+        need = seq.num_blocks_needed(seq.num_computed_tokens, self.block_size)
+        while len(seq.block_table) > need:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free.append(block)
+
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step: publish seq's newly completed blocks in the prefix cache."""
         if not self.enable_prefix_caching:

@@ -62,6 +62,11 @@ class EngineStats:
     prefix_cache_hits_total: int = 0     # ... of which found there
     num_preemptions_total: int = 0
     request_success_total: dict[str, int] = field(default_factory=dict)  # finish_reason -> count
+    # speculative decoding: drafts verified, their tokens, the tokens kept, and kept per position
+    spec_num_drafts_total: int = 0
+    spec_num_draft_tokens_total: int = 0
+    spec_num_accepted_tokens_total: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)
     # histograms (seconds)
     time_to_first_token: Histogram = field(default_factory=Histogram)
     inter_token_latency: Histogram = field(default_factory=Histogram)
@@ -78,11 +83,31 @@ class EngineStats:
         q = self.prefix_cache_queries_total
         return self.prefix_cache_hits_total / q if q else 0.0
 
+    def record_draft(self, drafted: int, accepted: int) -> None:
+        """One sequence's draft of `drafted` tokens, of which the first `accepted` were kept."""
+        with self.lock:
+            self.spec_num_drafts_total += 1
+            self.spec_num_draft_tokens_total += drafted
+            self.spec_num_accepted_tokens_total += accepted
+            if len(self.spec_accepted_per_position) < drafted:
+                self.spec_accepted_per_position += [0] * (drafted - len(self.spec_accepted_per_position))
+            for i in range(accepted):
+                self.spec_accepted_per_position[i] += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verification step yields on average: the accepted drafts plus the model's own."""
+        n = self.spec_num_drafts_total
+        return 1 + self.spec_num_accepted_tokens_total / n if n else 0.0
+
     def log_line(self) -> str:
         s = self.last_step
+        spec = (f", speculative: mean acceptance length {self.mean_acceptance_length:.2f}, drafted/accepted "
+                f"{self.spec_num_draft_tokens_total}/{self.spec_num_accepted_tokens_total}"
+                if self.spec_num_drafts_total else "")
         return (f"running {self.num_running}, waiting {self.num_waiting}, "
                 f"step prefill/decode tokens {s.num_prefill_tokens}/{s.num_decode_tokens}, "
                 f"KV blocks used/cached/free {self.kv_blocks_used}/{self.kv_blocks_cached}/{self.kv_blocks_free} "
                 f"({100 * self.kv_cache_usage:.1f}% used), prefix-cache hit rate "
                 f"{100 * self.prefix_cache_hit_rate:.1f}%, preemptions {self.num_preemptions_total}, "
-                f"tokens in/out {self.prompt_tokens_total}/{self.generation_tokens_total}")
+                f"tokens in/out {self.prompt_tokens_total}/{self.generation_tokens_total}{spec}")

@@ -136,7 +136,7 @@ class ModelRunner:
             start = seq.num_computed_tokens
             positions = np.arange(start, start + n)
             table = np.asarray(seq.block_table, dtype=np.int64)
-            ids.append(np.asarray(seq.token_ids[start:start + n], dtype=np.int64))
+            ids.append(np.asarray(seq.step_token_ids(start, n), dtype=np.int64))
             pos.append(positions)
             slots.append(table[positions // bs] * bs + positions % bs)
             wanted.append(rows + qsl[-1])

@@ -74,6 +74,7 @@ class StepShape:
     sampled_rows: int
     context_tokens: int            # tokens in the KV cache after the step, summed over sequences
     attended_pairs: int            # (query token, key) pairs attention computes
+    drafted_tokens: int = 0        # speculative decoding: draft tokens verified (in decode_tokens)
 
     @property
     def kind(self) -> str:
@@ -180,7 +181,7 @@ class StepProfiler:
                 self.trace.span(phase, self._t, now - self._t)
             self._t = now
 
-    def stop(self) -> None:
+    def stop(self, accepted_tokens: int = 0) -> None:
         if not self.enabled:
             return
         self.mark("other")
@@ -202,7 +203,7 @@ class StepProfiler:
             self.trace.span(f"step ({shape.kind})", self._step_start, time.perf_counter() - self._step_start, args={
                 "prefill_tokens": shape.prefill_tokens, "decode_tokens": shape.decode_tokens,
                 "num_seqs": shape.num_seqs, "context_tokens": shape.context_tokens,
-                "drafted_tokens": 0, "accepted_tokens": 0})
+                "drafted_tokens": shape.drafted_tokens, "accepted_tokens": accepted_tokens})
             self.trace.flush()
         if self._torch_profile is not None:
             self._torch_steps_left -= 1

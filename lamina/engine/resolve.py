@@ -15,6 +15,7 @@ import torch
 from lamina import envs
 from lamina.config import EngineConfig, ModelConfig
 from lamina.engine.autotune import plan_for
+from lamina.engine.speculative import SpeculativeConfig
 from lamina.kernels import Backend, get_backend
 from lamina.kernels.dispatch import KernelPlan
 from lamina.models.loader import DTYPES, resolve_dtype
@@ -54,6 +55,7 @@ class ResolvedConfig:
     profile_steps: bool
     trace_dir: str | None
     profile_torch_steps: int
+    speculative: SpeculativeConfig | None
 
     def summary(self) -> str:
         return (f"device {self.device}, dtype {_name(self.dtype)}, KV cache {_name(self.kv_cache_dtype)}, "
@@ -61,7 +63,8 @@ class ResolvedConfig:
                 f"kernels {self.kernel_plan.summary()}, "
                 f"quantization {self.quantization or 'none'}, context {self.max_model_len}, "
                 f"max {self.max_num_seqs} sequences / {self.max_num_batched_tokens} tokens a step, "
-                f"prefix caching {'on' if self.enable_prefix_caching else 'off'}")
+                f"prefix caching {'on' if self.enable_prefix_caching else 'off'}, "
+                f"speculative decoding {self.speculative.describe() if self.speculative else 'off'}")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -129,4 +132,5 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
         num_kv_blocks=config.num_kv_blocks, gpu_memory_utilization=config.gpu_memory_utilization,
         enable_prefix_caching=config.enable_prefix_caching, num_threads=config.num_threads, seed=config.seed,
         log_stats_interval=config.log_stats_interval, profile_steps=config.profile_steps,
-        trace_dir=config.trace_dir, profile_torch_steps=config.profile_torch_steps)
+        trace_dir=config.trace_dir, profile_torch_steps=config.profile_torch_steps,
+        speculative=SpeculativeConfig.parse(config.speculative_config))

@@ -125,19 +125,29 @@ def is_plain_greedy(params: list[SamplingParams], banned: list[list[int]]) -> bo
                and not p.frequency_penalty and p.repetition_penalty == 1 for p in params) and not any(banned)
 
 
+def processed_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Penalties, logit bias, bans and grammar masks: what greedy rows take the argmax of."""
+    return apply_allowed(apply_bias_and_bans(apply_penalties(logits, b), b), b.allowed)
+
+
+def probabilities(processed: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """The distribution sampled rows draw from: temperature, then top-k, top-p and min-p
+    (greedy rows get temperature 1; callers take their argmax instead)."""
+    temperature = b.temperature.to(processed.device)
+    temperature = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
+    return apply_top_k_top_p_min_p(processed / temperature[:, None], b).softmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] float32 -> (token ids, logprob records for rows that asked for them)."""
     raw = logits
-    logits = apply_allowed(apply_bias_and_bans(apply_penalties(logits, b), b), b.allowed)
-    temperature = b.temperature.to(logits.device)
-    greedy = temperature == 0
+    logits = processed_logits(logits, b)
+    greedy = b.temperature.to(logits.device) == 0
     greedy_tokens = logits.argmax(dim=-1)
     if bool(greedy.all()):
         tokens = greedy_tokens
     else:
-        temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
-        scaled = apply_top_k_top_p_min_p(logits / temperature[:, None], b)
-        probs = scaled.softmax(dim=-1)
+        probs = probabilities(logits, b)
         # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) samples from p
         noise = torch.empty_like(probs).exponential_()
         for i, g in enumerate(b.generators):

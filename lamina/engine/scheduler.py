@@ -19,6 +19,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     num_decode: int = 0                                          # of the tokens, how many are decodes
+    num_draft: int = 0                                           # ... and how many are drafts to verify
     # newly admitted from the waiting queue, with how many tokens were looked up in the prefix cache
     admitted: list[tuple[Sequence, int]] = field(default_factory=list)
     num_preempted: int = 0
@@ -99,6 +100,7 @@ class Scheduler:
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_cached_tokens = 0
+        seq.draft = []
         self.waiting.appendleft(seq)
 
     def schedule(self) -> ScheduledBatch:
@@ -116,6 +118,11 @@ class Scheduler:
                 num_new = min(len(seq) - seq.num_computed_tokens, budget)
                 if num_new <= 0:
                     continue
+                if seq.draft:   # a draft rides along only where budget and free blocks allow it whole
+                    k = len(seq.draft)
+                    if num_new + k > budget or not self.blocks.can_grow(seq, num_new + k):
+                        seq.draft = []
+                    num_new += len(seq.draft)
                 while not self.blocks.can_grow(seq, num_new):
                     victim = self.running.last()
                     if victim.seq_id in scheduled:  # never undo work already in this batch
@@ -131,6 +138,7 @@ class Scheduler:
                 batch.num_new_tokens.append(num_new)
                 scheduled.add(seq.seq_id)
                 batch.num_decode += phase == "decode"
+                batch.num_draft += len(seq.draft)
                 budget -= num_new
 
         # 2. waiting sequences, first come first served, while budget and cache allow

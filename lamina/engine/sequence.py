@@ -6,6 +6,7 @@ import itertools
 
 import torch
 
+from lamina.engine.speculative import SpecStats
 from lamina.sampling_params import RequestMetrics, SamplingParams, TokenLogprob
 from lamina.tokenizer import IncrementalDetokenizer
 
@@ -53,9 +54,17 @@ class Sequence:
         # structured outputs: the compile this sequence waits for before it may run, then its state
         self.awaiting_grammar = None          # a Future of a CompiledGrammar
         self.grammar = None                   # a GrammarState
+        # speculative decoding: tokens guessed for this step (not yet the sequence's), and its record
+        self.draft: list[int] = []
+        self.spec = SpecStats()
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def step_token_ids(self, start: int, n: int) -> list[int]:
+        """The n tokens a step computes from position `start`: known tokens, then the draft's."""
+        ids = self.token_ids[start:start + n]
+        return ids + self.draft[:n - len(ids)] if len(ids) < n else ids
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -67,6 +67,15 @@ def render(stats, model_name: str) -> str:
         finished.update(stats.request_success_total)
         w.metric("lamina:request_success_total", "counter", "Finished requests by finish reason.",
                  [("", {"finished_reason": reason}, count) for reason, count in sorted(finished.items())])
+        w.counter("lamina:spec_decode_num_drafts_total", "Speculative drafts verified (one per sequence and step).",
+                  stats.spec_num_drafts_total)
+        w.counter("lamina:spec_decode_num_draft_tokens_total", "Speculative draft tokens verified.",
+                  stats.spec_num_draft_tokens_total)
+        w.counter("lamina:spec_decode_num_accepted_tokens_total", "Speculative draft tokens accepted.",
+                  stats.spec_num_accepted_tokens_total)
+        w.metric("lamina:spec_decode_num_accepted_tokens_per_pos", "counter",
+                 "Speculative draft tokens accepted, by their position in the draft (0 is the first).",
+                 [("", {"position": i}, count) for i, count in enumerate(stats.spec_accepted_per_position)])
         w.histogram("lamina:time_to_first_token_seconds", "Time to first token.", stats.time_to_first_token)
         w.histogram("lamina:inter_token_latency_seconds", "Time between two output tokens.",
                     stats.inter_token_latency)

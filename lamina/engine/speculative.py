@@ -1,0 +1,125 @@
+"""Speculative decoding: guess a sequence's next k tokens cheaply, check all of them in one forward
+pass of the model (a query of k+1 tokens), and keep the longest run the model agrees with plus one
+token of its own. A step then yields 1 to k+1 tokens for about the cost of one, since a decode step
+on these machines is bound by reading the weights, not by the few extra query rows.
+
+Drafts come from the sequence's own text (n-gram prompt lookup: the tokens that followed the last
+time its latest n tokens occurred). Verification keeps the model's distribution exact: greedy rows
+keep a draft token only where it is the argmax; sampled rows accept draft token d with probability
+p(d) and, on a rejection, sample from p with d taken out (the rejection sampling of Leviathan et
+al. and Chen et al. for a draft that puts all its mass on one token). So the tokens follow the same
+distribution as plain decoding, with every sampling setting applied to p.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAX_SPECULATIVE_TOKENS = 16
+# a sequence stops drafting when, after this many drafted tokens, fewer than this share were kept:
+# each rejected draft token costs a query row for nothing
+ADAPT_AFTER_TOKENS = 32
+ADAPT_MIN_ACCEPTANCE = 0.25
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str                    # "ngram"
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4     # n-gram sizes tried, longest first
+    prompt_lookup_min: int = 1
+
+    @classmethod
+    def parse(cls, value) -> "SpeculativeConfig | None":
+        """vLLM's speculative_config: a dict or its JSON text (None: off)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("speculative_config must be a JSON object") from None
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be an object")
+        value = dict(value)
+        method = value.pop("method", "ngram")
+        if method != "ngram":
+            raise ValueError(f"speculative_config method {method!r} is not supported; lamina drafts with "
+                               f"'ngram'")
+        k = value.pop("num_speculative_tokens", None)
+        if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config needs num_speculative_tokens in 1..{MAX_SPECULATIVE_TOKENS}")
+        hi = value.pop("prompt_lookup_max", 4)
+        lo = value.pop("prompt_lookup_min", 1)
+        if not (isinstance(hi, int) and isinstance(lo, int) and 1 <= lo <= hi <= 64):
+            raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max <= 64")
+        if value:
+            raise ValueError(f"unknown speculative_config keys: {', '.join(sorted(value))}")
+        return cls(method, k, hi, lo)
+
+    def describe(self) -> str:
+        return (f"{self.method}, {self.num_speculative_tokens} tokens, n-grams "
+                f"{self.prompt_lookup_min}..{self.prompt_lookup_max}")
+
+
+def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the sequence's last n
+    tokens, for the longest n in [n_min, n_max] that occurs; [] if none does."""
+    length = len(tokens)
+    if length < n_min + 1:
+        return []
+    arr = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        tail = arr[length - n:]
+        # windows ending before the tail itself: starts 0 .. length - n - 1
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:length - 1], n)
+        hits = np.flatnonzero((windows == tail).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return tokens[start:start + k]
+    return []
+
+
+@dataclass
+class SpecStats:
+    """One sequence's drafting record, for the adaptive rule and the request's metrics."""
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def worth_it(self) -> bool:
+        return self.drafted < ADAPT_AFTER_TOKENS or self.accepted >= ADAPT_MIN_ACCEPTANCE * self.drafted
+
+
+def verify(probs: torch.Tensor, greedy: bool, draft: list[int], generator: torch.Generator | None) -> list[int]:
+    """The tokens to keep from one sequence's verification: `probs` [k+1, V] is the target's
+    distribution (after every sampling setting) at the k draft positions and the one after them.
+    Returns the accepted drafts followed by one token of the target's own (the correction at the
+    first rejection, else the bonus token)."""
+    k = len(draft)
+    if greedy:
+        best = probs.argmax(dim=-1).tolist()
+        out = []
+        for i in range(k):
+            if draft[i] != best[i]:
+                return out + [best[i]]
+            out.append(draft[i])
+        return out + [best[k]]
+    rows = torch.arange(k)
+    p_draft = probs[rows, torch.tensor(draft, dtype=torch.long)].tolist() if k else []
+    u = torch.rand(k, generator=generator).tolist() if k else []
+    for i in range(k):
+        if u[i] >= p_draft[i]:   # rejected: sample from p without the draft token
+            residual = probs[i].clone()
+            residual[draft[i]] = 0
+            total = residual.sum()
+            if total > 0:   # (zero only when rounding let u reach a probability of one: a keep)
+                return list(draft[:i]) + [_sample(residual / total, generator)]
+    return list(draft) + [_sample(probs[k], generator)]
+
+
+def _sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(p, 1, generator=generator))
