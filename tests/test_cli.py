@@ -39,6 +39,19 @@ def test_generate_streams_a_completion(tiny_dir):
     assert a.stdout == b.stdout and a.stdout.strip()  # greedy: the same text twice
 
 
+def test_speculative_config_flag(tiny_dir):
+    """--speculative-config: the same greedy text, and the start-up line says drafting is on."""
+    args = ["generate", "--model", tiny_dir, "--dtype", "float32", "--kv-cache-memory", "16MiB",
+            "--temperature", "0", "--max-tokens", "24", "--enforce-eager"]
+    plain = lamina(*args, "abcabcabcabc")
+    spec = lamina(*args, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}', "abcabcabcabc")
+    assert spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "speculative decoding ngram, 3 tokens" in spec.stderr
+    bad = lamina(*args, "--speculative-config", '{"method": "eagle"}', "x")
+    assert bad.returncode != 0 and "speculative_config" in bad.stderr
+
+
 def test_chat_repl_multi_turn_reset_and_exit(tiny_dir):
     script = "first question\nsecond question\n/reset\nthird\n/exit\nnever read\n"
     out = lamina("chat", "--model", tiny_dir, "--dtype", "float32", "--kv-cache-memory", "16MiB",

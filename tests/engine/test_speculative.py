@@ -173,3 +173,32 @@ def test_drafting_stops_where_it_does_not_pay(tiny_model_dir, monkeypatch):
     assert out.metrics.spec_drafted <= speculative.ADAPT_AFTER_TOKENS + NGRAM["num_speculative_tokens"]
     plain = run(make_engine(tiny_model_dir), prompts, SamplingParams(max_tokens=80, temperature=0, ignore_eos=True))
     assert out.outputs[0].token_ids == plain[0].outputs[0].token_ids
+
+
+def test_counters_on_the_server(tiny_model_dir):
+    """/metrics counts drafts, draft tokens and accepted tokens (per position too), as the engine
+    does; the stats line gives the mean acceptance length."""
+    from lamina.engine.async_engine import AsyncEngine
+    from tests.server.conftest import LoopThread, start_app
+    from tests.server.helpers import http, metric, metrics
+    engine = AsyncEngine(make_engine(tiny_model_dir, speculative_config=NGRAM))
+    loop = LoopThread()
+    srv = start_app(loop, engine, served_model_names=["tiny"])
+    try:
+        for prompt in _looping_prompts(3, seed=6):
+            r = http(srv.port, "POST", "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 30,
+                                                          "temperature": 0, "ignore_eos": True})
+            assert r.status == 200
+        values = metrics(srv.port)
+        stats = engine.engine.stats
+        assert metric(values, "lamina:spec_decode_num_drafts_total") == stats.spec_num_drafts_total > 0
+        assert metric(values, "lamina:spec_decode_num_draft_tokens_total") == stats.spec_num_draft_tokens_total
+        accepted = metric(values, "lamina:spec_decode_num_accepted_tokens_total")
+        assert accepted == stats.spec_num_accepted_tokens_total > 0
+        assert metric(values, "lamina:spec_decode_num_accepted_tokens_per_pos", position=0) > 0
+        assert sum(stats.spec_accepted_per_position) == accepted
+        assert "mean acceptance length" in stats.log_line()
+    finally:
+        srv.stop()
+        engine.shutdown()
+        loop.close()

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""What speculative decoding (n-gram drafts) buys on one stream: lamina with and without
+`speculative_config`, on copy-heavy chats (repeat or edit a given text or code) and on ordinary
+chats, both engines in this process, requests interleaved round by round.
+
+    python bench/speculative.py                  # 3 rounds, k = 4
+    python bench/speculative.py --rounds 5 --k 6 --max-tokens 256
+
+Each engine is the README's default (compiled CPU steps, awaited before timing). A request is one
+greedy chat of up to --max-tokens tokens; its speed is output tokens over its wall time; a
+workload's number is the median over its prompts and the rounds, and the ratio is taken per round.
+Both engines give the same tokens (checked), so the ratio is speed alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from common import OUT_DIR, fmt_spread, interleave, log, round_ratios, spread  # noqa: E402
+
+PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, "
+             "polished the great lens until it shone, and wound the clockwork that turned the light. Ships "
+             "far out at sea saw the beam sweep across the water once every ten seconds, and knew where the "
+             "rocks were. In winter the storms came in from the west, and the keeper would stay awake all "
+             "night, listening to the waves break against the foot of the tower.")
+CODE = '''def merge_sorted(a, b):
+    out = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] <= b[j]:
+            out.append(a[i])
+            i += 1
+        else:
+            out.append(b[j])
+            j += 1
+    out.extend(a[i:])
+    out.extend(b[j:])
+    return out
+'''
+COPY = [f"Repeat the following text exactly, word for word:\n\n{PARAGRAPH}",
+        f"Rewrite this function with the variable `out` renamed to `result`. Reply with the code only.\n\n{CODE}",
+        f"Here is a paragraph:\n\n{PARAGRAPH}\n\nCopy it out again, changing 'keeper' to 'guardian'."]
+ORDINARY = ["What are three good habits for staying healthy?", "Explain how a rainbow forms.",
+            "Write a short story about a cat who learns to fly."]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=common.DEFAULT_MODEL)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--out", default=os.path.join(OUT_DIR, "speculative.json"))
+    args = p.parse_args()
+
+    from lamina import LLM, SamplingParams
+    spec_cfg = {"method": "ngram", "num_speculative_tokens": args.k}
+    engines = {"plain": LLM(args.model), "ngram": LLM(args.model, speculative_config=spec_cfg)}
+    for llm in engines.values():
+        llm.wait_until_compiled()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    workloads = {"copy": COPY, "ordinary": ORDINARY}
+    tokens: dict[tuple, list[int]] = {}
+    common.wait_for_idle("the speculative-decoding bench")
+
+    def measure(name, r):
+        llm = engines[name]
+        out = {}
+        for workload, prompts in workloads.items():
+            speeds, drafted, accepted = [], 0, 0
+            for prompt in prompts:
+                t = time.perf_counter()
+                res = llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)[0]
+                dt = time.perf_counter() - t
+                speeds.append(len(res.token_ids) / dt)
+                drafted += res.metrics.spec_drafted
+                accepted += res.metrics.spec_accepted
+                seen = tokens.setdefault((workload, prompt), res.token_ids)
+                if seen != res.token_ids:
+                    log(f"note: {name} gave other tokens for a {workload} prompt (numerics of a verify step)")
+            out[workload] = {"tok_per_s": statistics.median(speeds), "drafted": drafted, "accepted": accepted}
+            log(f"round {r} {name} {workload}: {out[workload]['tok_per_s']:.1f} tok/s"
+                + (f", accepted {accepted}/{drafted}" if drafted else ""))
+        return out
+
+    rounds = interleave(list(engines), args.rounds, measure)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    result = {"cpu": cpu, "threads": os.cpu_count(), "k": args.k, "max_tokens": args.max_tokens, "workloads": {}}
+    for workload in workloads:
+        plain = [rd[workload]["tok_per_s"] for rd in rounds["plain"]]
+        spec = [rd[workload]["tok_per_s"] for rd in rounds["ngram"]]
+        drafted = sum(rd[workload]["drafted"] for rd in rounds["ngram"])
+        accepted = sum(rd[workload]["accepted"] for rd in rounds["ngram"])
+        result["workloads"][workload] = {
+            "plain_tok_per_s": spread(plain), "ngram_tok_per_s": spread(spec),
+            "ratio": round_ratios(spec, plain), "drafted": drafted, "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None}
+        w = result["workloads"][workload]
+        print(f"{workload}: plain {fmt_spread(w['plain_tok_per_s'], ' tok/s', 1)}, ngram "
+              f"{fmt_spread(w['ngram_tok_per_s'], ' tok/s', 1)}, ngram / plain {fmt_spread(w['ratio'])}, "
+              f"acceptance {accepted}/{drafted}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
