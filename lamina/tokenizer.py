@@ -108,6 +108,10 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
 
+    def vocab(self) -> dict[str, int]:
+        """Every token's string and id, added tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def to_json(self) -> str:
         """The whole tokenizer as tokenizer.json text (what the grammar engine reads)."""
         return self._tok.to_str()

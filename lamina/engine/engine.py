@@ -86,6 +86,11 @@ class LLMEngine:
         self.max_model_len = self.config.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.drafter = None
+        if self.config.speculative is not None and self.config.speculative.method == "draft_model":
+            from lamina.engine.draft_model import DraftModel
+            self.drafter = DraftModel(self.config.speculative, self.config, self.tokenizer.vocab(),
+                                      self.runner.num_blocks)
         self.requests: dict[str, Request] = {}
         width = self.model_config.vocab_size
         self.grammars = GrammarCompiler(self.tokenizer.to_json(), width, list(self.eos_token_ids))
@@ -112,7 +117,8 @@ class LLMEngine:
         """Block until the background compile of the steps is done; True if compiled steps serve
         now, or the engine runs without them by choice."""
         compiled = self.runner.compiled
-        return compiled is None or compiled.wait(timeout)
+        ready = compiled is None or compiled.wait(timeout)
+        return ready and (self.drafter is None or self.drafter.wait_until_compiled(timeout))
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -407,6 +413,7 @@ class LLMEngine:
         """Drafts for this step's decoding sequences; none where a draft could overshoot max_tokens
         or the context, for constrained sequences, or where drafting has stopped paying off."""
         cfg = self.config.speculative
+        seqs, ks = [], []
         for seq in self.scheduler.running:
             if seq.in_prefill or seq.grammar is not None or not seq.spec.worth_it:
                 continue
@@ -414,7 +421,13 @@ class LLMEngine:
             k = min(cfg.num_speculative_tokens, p.max_tokens - seq.num_output_tokens - 1,
                     self.max_model_len - len(seq) - 1)
             if k > 0:
-                seq.draft = speculative.propose_ngram(seq.token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+                seqs.append(seq)
+                ks.append(k)
+        if self.drafter is not None:
+            self.drafter.propose(seqs, ks)
+            return
+        for seq, k in zip(seqs, ks):
+            seq.draft = speculative.propose_ngram(seq.token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
 
     def _sample_rows(self, sample_seqs, sample_rows, logits):
         params = [s.params for s in sample_seqs]
@@ -496,6 +509,8 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.status != SequenceStatus.FINISHED:
             self.scheduler.remove(seq)
+            if self.drafter is not None:
+                self.drafter.release(seq)
         seq.status = SequenceStatus.FINISHED
         now = time.time()
         seq.metrics.finished_time = now

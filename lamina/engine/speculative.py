@@ -4,7 +4,8 @@ token of its own. A step then yields 1 to k+1 tokens for about the cost of one, 
 on these machines is bound by reading the weights, not by the few extra query rows.
 
 Drafts come from the sequence's own text (n-gram prompt lookup: the tokens that followed the last
-time its latest n tokens occurred). Verification keeps the model's distribution exact: greedy rows
+time its latest n tokens occurred), or from a smaller model with the same tokenizer decoding
+greedily (draft_model.py; the target's own int4 copy serves). Verification keeps the model's distribution exact: greedy rows
 keep a draft token only where it is the argmax; sampled rows accept draft token d with probability
 p(d) and, on a rejection, sample from p with d taken out (the rejection sampling of Leviathan et
 al. and Chen et al. for a draft that puts all its mass on one token). So the tokens follow the same
@@ -25,12 +26,17 @@ ADAPT_AFTER_TOKENS = 32
 ADAPT_MIN_ACCEPTANCE = 0.25
 
 
+METHODS = ("ngram", "draft_model")
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str                    # "ngram"
+    method: str                    # "ngram" | "draft_model"
     num_speculative_tokens: int
-    prompt_lookup_max: int = 4     # n-gram sizes tried, longest first
+    prompt_lookup_max: int = 4     # ngram: n-gram sizes tried, longest first
     prompt_lookup_min: int = 1
+    model: str | None = None       # draft_model: a name or path (None: the target model itself)
+    quantization: str | None = None   # draft_model: None | int8 | int4
 
     @classmethod
     def parse(cls, value) -> "SpeculativeConfig | None":
@@ -46,12 +52,20 @@ class SpeculativeConfig:
             raise ValueError("speculative_config must be an object")
         value = dict(value)
         method = value.pop("method", "ngram")
-        if method != "ngram":
-            raise ValueError(f"speculative_config method {method!r} is not supported; lamina drafts with "
-                               f"'ngram'")
+        if method not in METHODS:
+            raise ValueError(f"speculative_config method {method!r} is not supported: use 'ngram' or 'draft_model'")
         k = value.pop("num_speculative_tokens", None)
         if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative_config needs num_speculative_tokens in 1..{MAX_SPECULATIVE_TOKENS}")
+        if method == "draft_model":
+            model, quantization = value.pop("model", None), value.pop("quantization", None)
+            if model is not None and not isinstance(model, str):
+                raise ValueError("speculative_config model must be a model name or path")
+            if quantization not in (None, "int8", "int4"):
+                raise ValueError("speculative_config quantization must be null, 'int8' or 'int4'")
+            if value:
+                raise ValueError(f"unknown speculative_config keys for draft_model: {', '.join(sorted(value))}")
+            return cls(method, k, model=model, quantization=quantization)
         hi = value.pop("prompt_lookup_max", 4)
         lo = value.pop("prompt_lookup_min", 1)
         if not (isinstance(hi, int) and isinstance(lo, int) and 1 <= lo <= hi <= 64):
@@ -61,6 +75,9 @@ class SpeculativeConfig:
         return cls(method, k, hi, lo)
 
     def describe(self) -> str:
+        if self.method == "draft_model":
+            return (f"draft_model {self.model or 'the model itself'}"
+                    f"{' ' + self.quantization if self.quantization else ''}, {self.num_speculative_tokens} tokens")
         return (f"{self.method}, {self.num_speculative_tokens} tokens, n-grams "
                 f"{self.prompt_lookup_min}..{self.prompt_lookup_max}")
 

@@ -202,3 +202,52 @@ def test_counters_on_the_server(tiny_model_dir):
         srv.stop()
         engine.shutdown()
         loop.close()
+
+
+# -- draft_model ---------------------------------------------------------------------------------
+def _draft(quantization=None, k=3, **extra):
+    return {"method": "draft_model", "num_speculative_tokens": k, "quantization": quantization, **extra}
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_draft_model_greedy_equals_plain(tiny_model_dir, quantization):
+    """The model drafting for itself (exact, or its int8/int4 copy): plain decoding's tokens,
+    batched and with the target's cache so small that sequences are preempted; every block of the
+    draft's cache back in its pool at the end."""
+    prompts = _looping_prompts(4, seed=7)
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    plain = run(make_engine(tiny_model_dir), prompts, params)
+    engine = make_engine(tiny_model_dir, speculative_config=_draft(quantization), num_kv_blocks=16,
+                         max_num_batched_tokens=32)
+    outs = run(engine, prompts, params, stagger=1)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    stats = engine.stats
+    assert engine.stats.num_preemptions_total > 0
+    if quantization is None:   # the same model drafts exactly what it then verifies
+        assert stats.spec_num_accepted_tokens_total == stats.spec_num_draft_tokens_total > 100
+    else:
+        assert stats.spec_num_accepted_tokens_total > 0.5 * stats.spec_num_draft_tokens_total
+    engine.drafter.blocks.check_invariants()
+    assert engine.drafter.blocks.num_used_blocks == 0 and not engine.drafter.shadows
+
+
+def test_draft_model_sampling_and_n(tiny_model_dir):
+    """Seeded sampling with n samples: reproducible, and each sample drafts on its own."""
+    engine = make_engine(tiny_model_dir, speculative_config=_draft("int8"))
+    params = SamplingParams(max_tokens=20, temperature=0.7, top_k=5, seed=3, n=3, ignore_eos=True)
+    a = run(engine, _looping_prompts(2, seed=8), params)
+    b = run(engine, _looping_prompts(2, seed=8), params)
+    assert [[o.token_ids for o in x.outputs] for x in a] == [[o.token_ids for o in x.outputs] for x in b]
+    assert engine.stats.spec_num_accepted_tokens_total > 0 and not engine.drafter.shadows
+
+
+def test_draft_model_needs_the_same_tokenizer(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["added_tokens"].append({**tok["added_tokens"][-1], "id": 259, "content": "<|extra|>"})
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        make_engine(tiny_model_dir, speculative_config=_draft(model=str(other)))
