@@ -9,7 +9,8 @@ weights are loaded, `build_linears` swaps each nn.Linear for the layer that will
     quant.Int8Linear     --quantization int8 (and int4's lm_head)
     quant.Int4Linear     --quantization int4
 
-A layer whose plan is torch's matmul at every row count stays an nn.Linear. `linear_choices` is the
+A layer whose plan is torch's matmul at every row count stays an nn.Linear. With tensor parallelism
+(a `parallel` context), parallel.parallelize then wraps the layers that combine the ranks' parts. `linear_choices` is the
 one rule for which op serves which projection: the kernel dispatch measures exactly those ops
 (engine/autotune.py), and `build_linears` puts them in place. A new layer type is a class here, an
 op in kernels/dispatch.py, and a line in `linear_choices`.
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lamina.distributed.group import ParallelContext
 from lamina.kernels.dispatch import KernelPlan
 from lamina.layers.linear import Bf16Linear, Bf16SwiGLU, PlannedLinear
+from lamina.layers.parallel import parallelize
 from lamina.layers.quant import INT4_GROUP_SIZE, METHODS, Int4Linear, Int8Linear
 
 log = logging.getLogger("lamina.layers")
@@ -67,9 +70,10 @@ def linear_choices(model: nn.Module, quantization: str | None, device: torch.dev
     return choices
 
 
-def build_linears(model: nn.Module, quantization: str | None, plan: KernelPlan, device: torch.device) -> int:
-    """Put in place the layer of each projection, with the implementations `plan` chose for it;
-    returns how many were replaced."""
+def build_linears(model: nn.Module, quantization: str | None, plan: KernelPlan, device: torch.device,
+                  parallel: ParallelContext | None = None) -> int:
+    """Put in place the layer of each projection, with the implementations `plan` chose for it, and
+    the tensor-parallel layers where `parallel` spans several ranks; returns how many were replaced."""
     replaced = 0
     if quantization == "int4":
         for name, m in model.named_modules():
@@ -89,6 +93,8 @@ def build_linears(model: nn.Module, quantization: str | None, plan: KernelPlan, 
         replaced += 1
         if choice.op == "bf16_swiglu":   # the GEMM applies SwiGLU itself, so the MLP's own activation goes
             _replace(model, choice.name.rpartition(".")[0] + ".act", nn.Identity())
+    if parallel is not None and parallel.world_size > 1:
+        parallelize(model, parallel)
     return replaced
 
 

@@ -1,0 +1,39 @@
+"""A rank's place in the tensor-parallel group, passed explicitly to whatever needs it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lamina.distributed.sharding import Shard
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    group: dist.ProcessGroup
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank, self.world_size)
+
+    # The collectives are the functional ones (torch.ops._c10d_functional): they return new tensors,
+    # so torch.compile traces them into a graph, and they run eagerly the same way.
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of x over the ranks."""
+        c10d = torch.ops._c10d_functional
+        return c10d.wait_tensor(c10d.all_reduce(x, "sum", self.group.group_name))
+
+    def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, C] on each rank -> [T, world_size * C], rank 0's columns first."""
+        c10d = torch.ops._c10d_functional
+        rows = c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), self.world_size, self.group.group_name))
+        return rows.view(self.world_size, *x.shape).movedim(0, 1).reshape(x.shape[0], -1)
+
+
+def distributed_backend(device: torch.device) -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
