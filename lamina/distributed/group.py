@@ -31,7 +31,7 @@ class ParallelContext:
         """[T, C] on each rank -> [T, world_size * C], rank 0's columns first."""
         c10d = torch.ops._c10d_functional
         rows = c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), self.world_size, self.group.group_name))
-        return rows.view(self.world_size, *x.shape).movedim(0, 1).reshape(x.shape[0], -1)
+        return rows.view(self.world_size, *x.shape).movedim(0, 1).reshape(x.shape[0], self.world_size * x.shape[1])
 
 
 def distributed_backend(device: torch.device) -> str:

@@ -160,15 +160,23 @@ class Workers:
                 return
             self._closing = True
         told = False
-        if self.failure is None and hasattr(self, "channel"):
+        if self.failure is None and hasattr(self, "channel") and all(p.poll() is None for p in self.processes):
             # on a thread: a stop message into a broken group must not hang the caller
-            sender = threading.Thread(target=self.channel.send_stop, daemon=True)
+            sent = []
+            sender = threading.Thread(target=self._send_stop, args=(sent,), daemon=True)
             sender.start()
             sender.join(STOP_TIMEOUT)
-            told = not sender.is_alive()
+            told = bool(sent)
         self._stop_processes(grace=STOP_TIMEOUT if told else 0.0)
         if told and dist.is_initialized():
             dist.destroy_process_group()
+
+    def _send_stop(self, sent: list) -> None:
+        try:
+            self.channel.send_stop()
+            sent.append(True)
+        except Exception as e:     # a worker is gone: it is stopped below
+            log.warning("could not tell the tensor-parallel workers to stop: %s", e)
 
     def _stop_processes(self, grace: float = 0.0) -> None:
         deadline = time.monotonic() + grace
