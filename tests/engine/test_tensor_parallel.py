@@ -110,3 +110,58 @@ def test_default_model_tp3_agrees_with_tp1(default_model_dir):
         three.shutdown()
     for a, b in zip(one, got):
         assert_greedy_agree(a, b)
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_on_loopback(tmp_path):
+    """Two torchrun invocations, one rank each, as two nodes would run them: `lamina generate -tp 2`
+    prints what TP=1 prints."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    save_tiny_hf_model(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["-m", "lamina", "generate", "--model", str(tmp_path), "--dtype", "float32", "--num-threads", "1",
+            "--temperature", "0", "--max-tokens", "8", "--enforce-eager", "--kv-cache-memory", "16MiB", "hello"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root}
+    expected = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert expected.returncode == 0, expected.stderr
+
+    def node(rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), *args, "-tp", "2"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    nodes = [node(1), node(0)]
+    try:
+        outs = [p.communicate(timeout=180) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], outs
+    assert outs[1][0] == expected.stdout and expected.stdout.strip()
+
+
+@pytest.mark.slow
+def test_tp2_compiled_steps(tmp_path):
+    """torch.compile on CPU with TP=2: every rank compiles its decode step before serving (the
+    collectives traced into the graph), and decoding through it gives TP=1's eager tokens."""
+    from tests.utils import count_step_calls
+    save_tiny_hf_model(tmp_path)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(str(tmp_path), **ENGINE).generate(PROMPTS[:2], params, use_tqdm=False)]
+    two = LLM(str(tmp_path), tensor_parallel_size=2, enforce_eager=False, **ENGINE)
+    try:
+        compiled = two.engine.runner.compiled
+        assert compiled.status == "ready"
+        calls = count_step_calls(compiled, "decode")
+        got = [o.outputs[0].token_ids for o in two.generate(PROMPTS[:2], params, use_tqdm=False)]
+    finally:
+        two.shutdown()
+    assert calls["calls"] > 0
+    assert got == expected
