@@ -90,6 +90,39 @@ def test_tp2_engine_features(tmp_path):
         assert len(pa) == len(pb) and all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(pa, pb))
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_tp2_quantized_shards(tmp_path, quantization):
+    """Each rank quantizes its own shard. int4's groups of 32 inputs fall the same way as TP=1's;
+    int8's row-parallel shards get per-channel scales of their own slice (finer than TP=1's), so
+    their logits differ by quantization noise, never more."""
+    save_tiny_hf_model(tmp_path)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    one = LLM(str(tmp_path), quantization=quantization, **ENGINE)
+    expected, ref = one.generate(PROMPTS, params, use_tqdm=False), all_logits(one, PROMPTS[2])
+    two = LLM(str(tmp_path), quantization=quantization, tensor_parallel_size=2, **ENGINE)
+    try:
+        assert type(two.engine.runner.model.layers[0].mlp.down_proj.inner).__name__ == quantization.capitalize() + "Linear"
+        got, logits = two.generate(PROMPTS, params, use_tqdm=False), all_logits(two, PROMPTS[2])
+    finally:
+        two.shutdown()
+    for a, b in zip(expected, got):
+        assert_greedy_agree(a, b)
+    tol = {"int8": 1e-2, "int4": 1e-4}[quantization] * ref.abs().max().item()
+    torch.testing.assert_close(logits, ref, rtol=0, atol=tol)
+
+
+def test_workers_stop_with_the_llm(tmp_path):
+    """Garbage collection of an LLM stops its workers; so does llm.shutdown() (the other tests)."""
+    import gc
+    save_tiny_hf_model(tmp_path)
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, **ENGINE)
+    worker = llm.engine.workers.processes[0]
+    assert worker.poll() is None
+    del llm
+    gc.collect()
+    assert worker.wait(15) == 0
+
+
 def test_tp_head_counts_must_divide(tmp_path):
     save_tiny_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="must divide the model's 4 query heads"):
