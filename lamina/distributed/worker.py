@@ -21,17 +21,18 @@ log = logging.getLogger("lamina.engine")
 def run() -> int:
     from lamina.distributed.group import ParallelContext
     from lamina.distributed.steps import StepChannel
-    from lamina.distributed.workers import compute_group, from_wire, join_group
+    from lamina.distributed.workers import compute_group, from_wire, join_group, worker_store
     from lamina.engine.model_runner import ModelRunner
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # Ctrl-C reaches every process of the terminal's group: rank 0 alone decides when to stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if "LAMINA_TP_PARENT" in os.environ:
+    started_by_lamina = "LAMINA_TP_PARENT" in os.environ
+    if started_by_lamina:
         _exit_with_parent(int(os.environ["LAMINA_TP_PARENT"]))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
-    join_group(rank, world_size)
+    join_group(rank, world_size, worker_store(rank) if started_by_lamina else None)
     wire = [None]
     dist.broadcast_object_list(wire, src=0)
     config = from_wire(wire[0], int(os.environ.get("LOCAL_RANK", rank)))

@@ -4,8 +4,8 @@ started), hand them the resolved config, watch them, and stop them.
 lamina starts its workers as `python -m lamina.distributed.worker` subprocesses rather than by
 multiprocessing's spawn: a spawned child re-imports the caller's main module, which a script
 without an `if __name__ == "__main__"` guard would run again. A worker started here finds rank 0
-the way a torchrun-started one does (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so both paths
-run the same code. A worker exits when rank 0 tells it to, when its collectives fail (rank 0 is
+through the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and checks in at
+rank 0's store first, so that rank 0 sees a worker that died before joining rather than wait. A worker exits when rank 0 tells it to, when its collectives fail (rank 0 is
 gone), or when it sees its parent process go.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -64,10 +63,22 @@ def from_wire(wire: dict, local_rank: int):
     return dataclasses.replace(config, device=device, backend=backend)
 
 
-def join_group(rank: int, world_size: int, init_method: str = "env://") -> None:
-    """The default group is gloo, for the one pickled exchange at start (the config)."""
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=COLLECTIVE_TIMEOUT)
+def join_group(rank: int, world_size: int, store: dist.Store | None = None) -> None:
+    """The default group is gloo, for the one pickled exchange at start (the config). Without a
+    store, torchrun's (env://)."""
+    if store is None:
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size,
+                                timeout=COLLECTIVE_TIMEOUT)
+    else:
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+
+
+def worker_store(rank: int) -> dist.Store:
+    """A worker lamina started: rank 0's store, where it checks in before joining the group."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=COLLECTIVE_TIMEOUT)
+    store.set(f"lamina/started/{rank}", "1")
+    return store
 
 
 def compute_group(device: torch.device):
@@ -92,13 +103,16 @@ class Workers:
             if world != n or rank != 0:
                 raise ValueError(f"torchrun started {world} processes (this one rank {rank}); "
                                  f"tensor_parallel_size {n} needs exactly {n}, rank 0 running the engine")
-            local_rank, init = int(os.environ.get("LOCAL_RANK", 0)), "env://"
+            local_rank, store = int(os.environ.get("LOCAL_RANK", 0)), None
         else:
-            port = _free_port()
-            self.processes = [self._spawn(rank, n, port) for rank in range(1, n)]
-            local_rank, init = 0, f"tcp://127.0.0.1:{port}"
+            store = dist.TCPStore("127.0.0.1", 0, world_size=n, is_master=True, timeout=COLLECTIVE_TIMEOUT,
+                                  wait_for_workers=False)
+            self.processes = [self._spawn(rank, n, store.port) for rank in range(1, n)]
+            local_rank = 0
         try:
-            join_group(0, n, init)
+            if store is not None:
+                self._wait_for_workers(store)
+            join_group(0, n, store)
             dist.broadcast_object_list([to_wire(config)], src=0)
             self.device = rank_device(config.device, local_rank)
             group = compute_group(self.device)
@@ -123,6 +137,17 @@ class Workers:
                # the workers import the very lamina this process runs
                "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
         return subprocess.Popen([sys.executable, "-m", "lamina.distributed.worker"], env=env)
+
+    def _wait_for_workers(self, store: dist.Store) -> None:
+        """Until every worker has checked in: one that exits first (a broken environment, say)
+        fails the start at once, rather than leave rank 0 waiting for it."""
+        keys = [f"lamina/started/{rank}" for rank in range(1, len(self.processes) + 1)]
+        while not store.check(keys):
+            for rank, p in enumerate(self.processes, start=1):
+                if p.poll() is not None:
+                    raise RuntimeError(f"tensor-parallel worker rank {rank} exited with code {p.returncode} "
+                                       f"before joining (its error is in the log above)")
+            time.sleep(WATCH_INTERVAL)
 
     # -- watching ----------------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -191,10 +216,4 @@ class Workers:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 

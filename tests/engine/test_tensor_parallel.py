@@ -123,6 +123,18 @@ def test_workers_stop_with_the_llm(tmp_path):
     assert worker.wait(15) == 0
 
 
+def test_a_worker_that_cannot_start_fails_the_start(tmp_path, monkeypatch):
+    """Rank 0 does not wait for a worker that exited before joining (here its interpreter fails)."""
+    import sys
+    import time
+    save_tiny_hf_model(tmp_path)
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="worker rank 1 exited with code 1 before joining"):
+        LLM(str(tmp_path), tensor_parallel_size=2, **ENGINE)
+    assert time.monotonic() - start < 30
+
+
 def test_tp_head_counts_must_divide(tmp_path):
     save_tiny_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="must divide the model's 4 query heads"):
