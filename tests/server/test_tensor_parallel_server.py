@@ -92,9 +92,20 @@ def test_killed_worker_stops_the_server(model_dir):
     proc, port, workers = start_server(model_dir)
     try:
         assert chat(port)[0] == 200
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        body = {"model": "tiny", "max_tokens": 200, "ignore_eos": True, "stream": True,
+                "messages": [{"role": "user", "content": "hello"}]}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        stream = conn.getresponse()
+        assert stream.status == 200 and stream.readline().startswith(b"data:")   # decoding has begun
         os.kill(workers[0], signal.SIGKILL)
         # the server notices, fails what is in flight and exits non-zero (a supervisor restarts it)
         assert proc.wait(30) == 1
+        try:
+            rest = stream.read()
+        except (OSError, http.client.HTTPException):   # the connection was cut
+            rest = b""
+        assert b'"finish_reason":"length"' not in rest.replace(b" ", b"")
         with pytest.raises(OSError):
             chat(port, timeout=5)
     finally:
