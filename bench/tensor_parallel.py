@@ -157,6 +157,8 @@ def main() -> None:
     print(f"model {args.model or 'Qwen2.5-0.5B shape, random weights'} ({tp1.engine.config.summary().split(', attention')[0]}), "
           f"{'compiled' if args.compile else 'eager'} steps, one thread per rank, {args.rounds} rounds of "
           f"{args.tokens} decode steps; other processes used {100 * (meter.fraction or 0):.0f}% of the CPUs")
+    print(f"weights read per rank: TP=1 {tp1.engine.runner.model.bytes_read / 2**20:.0f} MiB, "
+          f"TP=2 rank 0 {tp2.engine.runner.model.bytes_read / 2**20:.0f} MiB")
     print()
     print("| batch | TP=1 decode tok/s | TP=2 decode tok/s | TP=2 / TP=1 | collectives per step, ms (gloo) | per all-reduce, µs |")
     print("|---|---|---|---|---|---|")

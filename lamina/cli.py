@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 
@@ -241,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     if getattr(args, "tensor_parallel_size", 1) > 1:
-        from lamina.distributed.workers import launched_by_torchrun
-        if launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+        from lamina import envs
+        if envs.launched_by_torchrun() and envs.rank() != 0:
             # torchrun ran this command on every rank: the ranks past 0 serve rank 0's steps
             from lamina.distributed.worker import main as worker_main
             return worker_main()

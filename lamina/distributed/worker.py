@@ -15,6 +15,8 @@ import time
 
 import torch.distributed as dist
 
+from lamina import envs
+
 log = logging.getLogger("lamina.engine")
 
 
@@ -24,18 +26,18 @@ def run() -> int:
     from lamina.distributed.workers import compute_group, from_wire, join_group, worker_store
     from lamina.engine.model_runner import ModelRunner
 
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world_size = envs.rank(), envs.world_size()
     # Ctrl-C reaches every process of the terminal's group: rank 0 alone decides when to stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    started_by_lamina = "LAMINA_TP_PARENT" in os.environ
-    if started_by_lamina:
-        _exit_with_parent(int(os.environ["LAMINA_TP_PARENT"]))
+    parent = envs.tp_parent()
+    if parent is not None:
+        _exit_with_parent(parent)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
-    join_group(rank, world_size, worker_store(rank) if started_by_lamina else None)
+    join_group(rank, world_size, worker_store(rank) if parent is not None else None)
     wire = [None]
     dist.broadcast_object_list(wire, src=0)
-    config = from_wire(wire[0], int(os.environ.get("LOCAL_RANK", rank)))
+    config = from_wire(wire[0], envs.local_rank())
     group = compute_group(config.device)
     runner = ModelRunner(config, ParallelContext(rank, world_size, config.device, group))
     channel = StepChannel(group, config.device)

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from lamina import envs
 from lamina.distributed.group import ParallelContext, distributed_backend
 from lamina.distributed.steps import StepChannel
 from lamina.engine.errors import ParallelFailure
@@ -34,11 +35,6 @@ log = logging.getLogger("lamina.engine")
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 WATCH_INTERVAL = 0.2            # seconds between looks at the workers
 STOP_TIMEOUT = 5.0              # seconds a worker gets to exit after being told to
-
-
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "MASTER_ADDR" in os.environ
-                                                   and "LAMINA_TP_PARENT" not in os.environ)
 
 
 def rank_device(device: torch.device, local_rank: int) -> torch.device:
@@ -75,8 +71,8 @@ def join_group(rank: int, world_size: int, store: dist.Store | None = None) -> N
 
 def worker_store(rank: int) -> dist.Store:
     """A worker lamina started: rank 0's store, where it checks in before joining the group."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=COLLECTIVE_TIMEOUT)
+    addr, port = envs.master()
+    store = dist.TCPStore(addr, port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     store.set(f"lamina/started/{rank}", "1")
     return store
 
@@ -98,12 +94,12 @@ class Workers:
         self.on_failure: Callable[[BaseException], None] | None = None
         self._closing = False
         self._lock = threading.Lock()
-        if launched_by_torchrun():
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if envs.launched_by_torchrun():
+            rank, world = envs.rank(), envs.world_size()
             if world != n or rank != 0:
                 raise ValueError(f"torchrun started {world} processes (this one rank {rank}); "
                                  f"tensor_parallel_size {n} needs exactly {n}, rank 0 running the engine")
-            local_rank, store = int(os.environ.get("LOCAL_RANK", 0)), None
+            local_rank, store = envs.local_rank(), None
         else:
             store = dist.TCPStore("127.0.0.1", 0, world_size=n, is_master=True, timeout=COLLECTIVE_TIMEOUT,
                                   wait_for_workers=False)

@@ -1,7 +1,7 @@
 """Owns the model and its KV cache; turns a scheduled batch into one forward pass.
 
 With tensor parallelism every rank has a ModelRunner over its shard of the model and of the KV
-cache. Rank 0's broadcasts each step's inputs (`send_steps`) before its own forward; the other
+cache. Rank 0's runner broadcasts each step's inputs (`send_steps`) before its own forward; the other
 ranks receive them and call forward() the same way (lamina/distributed/worker.py)."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lamina.engine.compiled_steps import CompiledSteps
 from lamina.distributed.group import ParallelContext
 from lamina.distributed.sharding import Shard
 from lamina.distributed.steps import StepChannel
+from lamina.engine.compiled_steps import CompiledSteps
 from lamina.engine.cuda_graphs import DecodeGraphs
 from lamina.engine.errors import ParallelFailure
 from lamina.engine.resolve import COMPILED, CUDA_GRAPHS, ResolvedConfig

@@ -99,7 +99,7 @@ def resolve_execution(enforce_eager: bool | None, device: torch.device, backend:
         return EAGER, "--enforce-eager"
     if device.type == "cuda":
         if tensor_parallel_size > 1:
-            return EAGER, "CUDA graphs are not yet captured with tensor parallelism"
+            return EAGER, "decode graphs over NCCL collectives are untested, so tensor parallelism runs eagerly"
         if not backend.cuda_graphs:
             return EAGER, f"the {backend.name} backend cannot be captured in CUDA graphs"
         return CUDA_GRAPHS, "decode steps replay CUDA graphs"
@@ -118,8 +118,9 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
     backend = get_backend(config.attention_backend, device)
     num_threads = config.num_threads
     if num_threads is None and device.type == "cpu" and config.tensor_parallel_size > 1:
-        # the ranks share this machine's cores: torch's default (all of them) would oversubscribe it
-        num_threads = max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
+        # the ranks on this machine share its cores: torch's default (all of them) would oversubscribe it
+        ranks_here = envs.local_world_size() if envs.launched_by_torchrun() else config.tensor_parallel_size
+        num_threads = max(1, (os.cpu_count() or 1) // ranks_here)
     dtype = resolve_dtype(config.dtype, device, model_config)
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, device, backend, dtype)
     if device.type == "cpu" and num_threads:
