@@ -189,8 +189,11 @@ class Workers:
             sender.join(STOP_TIMEOUT)
             told = bool(sent)
         self._stop_processes(grace=STOP_TIMEOUT if told else 0.0)
-        if told and dist.is_initialized():
-            dist.destroy_process_group()
+        if dist.is_initialized():   # this process may start another group later (a new LLM)
+            try:
+                dist.destroy_process_group()
+            except Exception as e:
+                log.warning("could not tear down the tensor-parallel group: %s", e)
 
     def _send_stop(self, sent: list) -> None:
         try:

@@ -123,6 +123,28 @@ def test_workers_stop_with_the_llm(tmp_path):
     assert worker.wait(15) == 0
 
 
+def test_killed_worker_fails_generate_and_a_new_llm_starts(tmp_path):
+    """In the library: a worker killed between calls makes the next generate raise (never hang), and
+    the process can start a new tensor-parallel LLM after."""
+    import os
+    import signal
+    from lamina.engine.errors import ParallelFailure
+    save_tiny_hf_model(tmp_path)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, **ENGINE)
+    worker = llm.engine.workers.processes[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+    with pytest.raises(ParallelFailure):
+        llm.generate(PROMPTS[0], params, use_tqdm=False)
+    llm.shutdown()
+    again = LLM(str(tmp_path), tensor_parallel_size=2, **ENGINE)
+    try:
+        assert len(again.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+    finally:
+        again.shutdown()
+
+
 def test_a_worker_that_cannot_start_fails_the_start(tmp_path, monkeypatch):
     """Rank 0 does not wait for a worker that exited before joining (here its interpreter fails)."""
     import sys
