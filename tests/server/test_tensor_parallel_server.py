@@ -24,12 +24,14 @@ def model_dir(tmp_path_factory):
 
 
 def start_server(model_dir: str) -> tuple[subprocess.Popen, int, list[int]]:
-    """The server process, its port, and its worker's pid, once it is ready."""
+    """The server process (leading a process group of its own, as a shell's job), its port, and its
+    worker's pid, once it is ready."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "lamina", "serve", "--model", model_dir, "-tp", "2", "--port", "0",
          "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "16MiB", "--enforce-eager",
          "--served-model-name", "tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True)
     port, deadline, lines = None, time.monotonic() + 120, []
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -111,4 +113,25 @@ def test_killed_worker_stops_the_server(model_dir):
     finally:
         proc.kill()
         proc.wait()
-        print(proc.stdout.read())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+def test_no_worker_outlives_the_server(model_dir, how):
+    """Ctrl-C reaches the whole process group (the server stops its worker, exit 0); SIGKILL reaches
+    the server alone (its worker sees it gone and exits)."""
+    proc, port, workers = start_server(model_dir)
+    try:
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(60) == 0
+        else:
+            proc.kill()
+            proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        proc.kill()
+        proc.wait()
