@@ -200,21 +200,24 @@ class LlamaForCausalLM(nn.Module):
         cfg, shard, hd = self.config, self.shard, self.config.head_dim
         parts = name.split(".")
         module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", name)
-        if module == "q_proj":
-            first, count = shard.q_heads(cfg)
-            return Part(0, first * hd, count * hd)
-        if module in ("k_proj", "v_proj"):
-            first, count = shard.kv_heads(cfg)
-            return Part(0, first * hd, count * hd)
-        if module in ("gate_proj", "up_proj"):
-            return Part(0, *shard.channels(cfg))
-        if module == "o_proj" and kind == "weight":
-            first, count = shard.q_heads(cfg)
-            return Part(1, first * hd, count * hd)
-        if module == "down_proj" and kind == "weight":
-            return Part(1, *shard.channels(cfg))
-        if module in ("embed_tokens", "lm_head"):
-            return Part(0, *shard.vocab(cfg))
+        q_heads, kv_heads = shard.q_heads(cfg), shard.kv_heads(cfg)
+        # module -> (dimension split, its full size, this rank's (first, count) in units of `unit` rows)
+        split = {"q_proj": (0, cfg.num_attention_heads * hd, q_heads, hd),
+                 "k_proj": (0, cfg.num_key_value_heads * hd, kv_heads, hd),
+                 "v_proj": (0, cfg.num_key_value_heads * hd, kv_heads, hd),
+                 "gate_proj": (0, cfg.intermediate_size, shard.channels(cfg), 1),
+                 "up_proj": (0, cfg.intermediate_size, shard.channels(cfg), 1),
+                 "embed_tokens": (0, cfg.vocab_size, shard.vocab(cfg), 1),
+                 "lm_head": (0, cfg.vocab_size, shard.vocab(cfg), 1)}
+        if kind == "weight":   # row-parallel: split by input; their biases are whole
+            split.update({"o_proj": (1, cfg.num_attention_heads * hd, q_heads, hd),
+                          "down_proj": (1, cfg.intermediate_size, shard.channels(cfg), 1)})
+        if module in split:
+            dim, full, (first, count), unit = split[module]
+            if len(shape) <= dim or shape[dim] != full:   # a slice would silently miss or pad rows
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(shape)}, the model expects "
+                                 f"{full} along dimension {dim}")
+            return Part(dim, first * unit, count * unit)
         return Part(0, 0, shape[0]) if shape else Part(0, 0, 0)   # replicated: norms, o_proj's bias
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> str | None:

@@ -89,12 +89,12 @@ def load_model(model_dir: str, dtype: str | torch.dtype = "auto", device: str | 
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
                     tensor_slice = f.get_slice(name)
-                    part = model.part_of(name, tuple(tensor_slice.get_shape()))
-                    if part is None:
-                        continue
-                    tensor = read_part(tensor_slice, part)
-                    bytes_read += tensor.numel() * tensor.element_size()
                     try:
+                        part = model.part_of(name, tuple(tensor_slice.get_shape()))
+                        if part is None:
+                            continue
+                        tensor = read_part(tensor_slice, part)
+                        bytes_read += tensor.numel() * tensor.element_size()
                         done = model.load_weight(name, tensor)
                     except ValueError as e:
                         raise ModelLoadError(f"{os.path.basename(path)}: {e}") from None

@@ -111,3 +111,19 @@ def test_head_count_rules(heads, kv_heads, n, message):
     else:
         with pytest.raises(ValueError, match=message):
             Shard(0, n).check(cfg)
+
+
+def test_a_tensor_of_the_wrong_size_is_refused_not_sliced(tmp_path):
+    """A slice of a tensor larger or smaller than the config says would load without complaint:
+    the loader checks the whole tensor's size first."""
+    import json
+
+    from lamina.config import ModelLoadError
+    save_tiny_hf_model(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    cfg["vocab_size"] = 300
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ModelLoadError, match="the model expects 300 along dimension 0"):
+        load_model(str(tmp_path), "float32", shard=Shard(1, 2))
