@@ -31,6 +31,12 @@ class ParallelContext:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def max_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum of x over the ranks (at load, not in a step)."""
+        x = x.clone()
+        dist.all_reduce(x, dist.ReduceOp.MAX, group=self.group)
+        return x
+
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[T, C] on each rank -> [T, world_size * C], rank 0's columns first."""
         c10d = torch.ops._c10d_functional

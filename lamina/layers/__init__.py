@@ -26,7 +26,7 @@ from torch import nn
 from lamina.distributed.group import ParallelContext
 from lamina.kernels.dispatch import KernelPlan
 from lamina.layers.linear import Bf16Linear, Bf16SwiGLU, PlannedLinear
-from lamina.layers.parallel import parallelize
+from lamina.layers.parallel import ROW_PARALLEL, parallelize
 from lamina.layers.quant import INT4_GROUP_SIZE, METHODS, Int4Linear, Int8Linear
 
 log = logging.getLogger("lamina.layers")
@@ -89,7 +89,12 @@ def build_linears(model: nn.Module, quantization: str | None, plan: KernelPlan, 
         linear = model.get_submodule(choice.name)
         if choice.op.startswith("bf16") and all(i == "torch" for i in vars(row_plan).values()):
             continue      # torch's matmul at every row count: the nn.Linear itself
-        _replace(model, choice.name, LAYERS[choice.op](linear, row_plan))
+        options = {}
+        if choice.op == "int8_linear" and parallel is not None and parallel.world_size > 1 \
+                and choice.name.rpartition(".")[2] in ROW_PARALLEL:
+            # a row-parallel shard holds a slice of each output channel: scale it as the whole row
+            options["amax"] = parallel.max_over_ranks(linear.weight.detach().abs().amax(dim=1).float())
+        _replace(model, choice.name, LAYERS[choice.op](linear, row_plan, **options))
         replaced += 1
         if choice.op == "bf16_swiglu":   # the GEMM applies SwiGLU itself, so the MLP's own activation goes
             _replace(model, choice.name.rpartition(".")[0] + ".act", nn.Identity())

@@ -92,9 +92,9 @@ def test_tp2_engine_features(tmp_path):
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_tp2_quantized_shards(tmp_path, quantization):
-    """Each rank quantizes its own shard. int4's groups of 32 inputs fall the same way as TP=1's;
-    int8's row-parallel shards get per-channel scales of their own slice (finer than TP=1's), so
-    their logits differ by quantization noise, never more."""
+    """Each rank quantizes its own shard, into a slice of TP=1's quantized weights: int4's groups of
+    32 inputs fall the same way, and int8's row-parallel shards take each output channel's scale
+    from the whole row (a max over the ranks at load)."""
     save_tiny_hf_model(tmp_path)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
     one = LLM(str(tmp_path), quantization=quantization, **ENGINE)
@@ -107,8 +107,7 @@ def test_tp2_quantized_shards(tmp_path, quantization):
         two.shutdown()
     for a, b in zip(expected, got):
         assert_greedy_agree(a, b)
-    tol = {"int8": 1e-2, "int4": 1e-4}[quantization] * ref.abs().max().item()
-    torch.testing.assert_close(logits, ref, rtol=0, atol=tol)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_workers_stop_with_the_llm(tmp_path):
