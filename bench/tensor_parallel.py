@@ -160,7 +160,7 @@ def main() -> None:
     print(f"weights read per rank: TP=1 {tp1.engine.runner.model.bytes_read / 2**20:.0f} MiB, "
           f"TP=2 rank 0 {tp2.engine.runner.model.bytes_read / 2**20:.0f} MiB")
     print()
-    print("| batch | TP=1 decode tok/s | TP=2 decode tok/s | TP=2 / TP=1 | collectives per step, ms (gloo) | per all-reduce, µs |")
+    print("| batch | TP=1 decode tok/s | TP=2 decode tok/s | TP=2 / TP=1 | collectives per step, ms (gloo) | per collective, µs |")
     print("|---|---|---|---|---|---|")
     for b in batches:
         ratios = [y / x for x, y in zip(results[1, b], results[2, b])]
