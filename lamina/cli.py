@@ -50,7 +50,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(the default on CPU; ignored on CUDA, where decode replays CUDA graphs)")
     g.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
                    help="no torch.compile on CPU, no CUDA graphs on GPU: less CPU at start, slower small-batch decode ($LAMINA_ENFORCE_EAGER=1)")
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads, per rank with -tp (default: torch's choice; with -tp N on CPU, the cores / N)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes (GPUs, or CPU processes over gloo) run in lockstep; lamina "
+                        "starts them, or torchrun does (see README, Tensor parallelism) (default: 1)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     g.add_argument("--log-stats-interval", type=float, default=0.0,
                    help="log a line of engine statistics every N seconds (default: off)")
@@ -238,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         # everything after `bench` belongs to bench/run.py, flags included
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        from lamina import envs
+        if envs.launched_by_torchrun() and envs.rank() != 0:
+            # torchrun ran this command on every rank: the ranks past 0 serve rank 0's steps
+            from lamina.distributed.worker import main as worker_main
+            return worker_main()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "env":
         from lamina.env import main as env_main

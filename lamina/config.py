@@ -109,7 +109,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str | None = None      # None: $LAMINA_ATTENTION_BACKEND, else triton on cuda; cpu (C++) or torch on cpu
     enforce_eager: bool | None = None         # None: compile decode steps on CPU, CUDA graphs on GPU ($LAMINA_ENFORCE_EAGER=1: neither)
-    num_threads: int | None = None            # torch intra-op threads on CPU
+    num_threads: int | None = None            # torch intra-op threads on CPU (per rank with tensor parallelism)
+    tensor_parallel_size: int = 1             # ranks the model is split over (lamina/distributed)
     seed: int = 0
     log_stats_interval: float = 0.0           # seconds between periodic stats log lines; 0 = off
     profile_steps: bool = False

@@ -11,6 +11,9 @@ Each is read when asked, not at import, so a test or a caller may set one before
                               (kernels/dispatch.py; e.g. bf16_linear.prefill=torch,attention=lamina)
     LAMINA_AUTOTUNE           0: do not measure the kernels on first start; take lamina's where they load
     LAMINA_API_KEY            the server's API key when --api-key is not given
+    LAMINA_TP_PARENT          set by lamina in the tensor-parallel workers it starts: the pid of rank 0
+    RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RUN_ID
+                              a tensor-parallel rank's place, as torchrun sets them (and lamina, for its workers)
     CXX                       the C++ compiler for the kernels (default c++)
     TRITON_INTERPRET          1: Triton kernels run in Triton's interpreter (tests without a GPU)
 """
@@ -45,6 +48,35 @@ def autotune() -> bool:
 
 def api_key() -> str | None:
     return os.environ.get("LAMINA_API_KEY")
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def master() -> tuple[str, int]:
+    return os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+
+
+def tp_parent() -> int | None:
+    parent = os.environ.get("LAMINA_TP_PARENT")
+    return int(parent) if parent else None
 
 
 def cxx() -> str:

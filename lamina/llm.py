@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections.abc import Iterator
 from dataclasses import fields
 
@@ -55,6 +56,12 @@ class LLM:
         _show_engine_log()
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **engine_options))
         self._ids = itertools.count()
+        # tensor-parallel workers stop with this object, or at exit, whichever comes first
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
+
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel workers now (the LLM cannot generate after)."""
+        self._finalizer()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer

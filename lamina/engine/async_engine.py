@@ -41,6 +41,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
         self._stopping = False
+        if self.engine.workers is not None:   # a tensor-parallel worker's death ends the engine, idle or not
+            self.engine.workers.on_failure = self._die
         self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
         self._thread.start()
 
@@ -111,7 +113,7 @@ class AsyncEngine:
     def _run(self) -> None:
         engine = self.engine
         try:
-            while not self._stopping:
+            while not self._stopping and self._dead is None:
                 self._drain_commands(block=not engine.has_unfinished_requests())
                 if not engine.has_unfinished_requests():
                     continue
@@ -122,14 +124,21 @@ class AsyncEngine:
                 engine.profiler.add("stream", time.perf_counter() - t0)
         except BaseException as e:  # the engine is broken: fail every stream instead of hanging it
             log.exception("engine step loop died")
-            with self._lock:
-                self._dead = e
-            if self.on_death is not None:
-                try:
-                    self.on_death(e)
-                except Exception:
-                    log.exception("on_death failed")
-            self._fail_all(EngineDeadError("the engine failed and has stopped; the server must be restarted"))
+            self._die(e)
+
+    def _die(self, exc: BaseException) -> None:
+        """Once: mark the engine dead, tell on_death, fail every stream (any thread)."""
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = exc
+        self._commands.put(("wake",))
+        if self.on_death is not None:
+            try:
+                self.on_death(exc)
+            except Exception:
+                log.exception("on_death failed")
+        self._fail_all(EngineDeadError("the engine failed and has stopped; the server must be restarted"))
 
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ import torch
 from lamina import envs
 from lamina.config import ModelConfig
 from lamina.cpu_features import OthersMeter
+from lamina.distributed.sharding import Shard
 from lamina.kernels import AttentionMetadata, dispatch
 from lamina.kernels.dispatch import ATTENTION_CLASSES, ROW_CLASSES, TUNE_ROWS, AttentionPlan, KernelPlan, RowPlan
 
@@ -26,11 +27,13 @@ ATTENTION_BATCH, ATTENTION_CONTEXT, BLOCK_SIZE = 8, 512, 16
 
 
 def plan_for(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype, quantization: str | None,
-             backend_name: str, device: torch.device) -> KernelPlan:
+             backend_name: str, device: torch.device, tensor_parallel_size: int = 1) -> KernelPlan:
+    """The shapes timed are one rank's (every rank's are the same) with tensor parallelism."""
+    shard = Shard(0, tensor_parallel_size)
     overrides = dispatch.parse_overrides(envs.dispatch())
     if device.type != "cpu":
         return KernelPlan(source=f"nothing to choose on {device.type}", overrides=overrides)
-    choices = _choices(cfg, dtype, quantization)
+    choices = _choices(cfg, dtype, quantization, shard)
     measure = envs.autotune()
     facts = dispatch.cache_facts()
     path = dispatch.cache_path(facts)
@@ -56,10 +59,11 @@ def plan_for(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype, quanti
         linears.append((key, dispatch.apply_overrides(op, plan, overrides)))
     attention = AttentionPlan()
     if backend_name == "cpu" and measure:
-        name = (f"attention {cfg.num_attention_heads}x{cfg.num_key_value_heads}x{cfg.head_dim} "
+        heads, kv_heads = shard.q_heads(cfg)[1], shard.kv_heads(cfg)[1]
+        name = (f"attention {heads}x{kv_heads}x{cfg.head_dim} "
                 f"{str(dtype)[6:]} q, {str(kv_dtype)[6:]} KV")
         if not dispatch.complete(entries.get(name), ATTENTION_CLASSES, ("lamina", "torch")):
-            entries[name] = _time_attention(cfg, dtype, kv_dtype)
+            entries[name] = _time_attention(heads, kv_heads, cfg.head_dim, dtype, kv_dtype)
             measured += 1
         attention = AttentionPlan(*(dispatch.choose(entries[name][c], "lamina") for c in ATTENTION_CLASSES))
     attention = dispatch.apply_overrides("attention", attention, overrides)
@@ -80,13 +84,13 @@ def plan_for(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype, quanti
     return KernelPlan(tuple(linears), attention, source, overrides)
 
 
-def _choices(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None):
+def _choices(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, shard: Shard = Shard()):
     """((op, N, K), implementations, whether it never sees prefill rows) for each distinct projection."""
     from lamina.kernels import reference
     from lamina.layers import linear_choices
     from lamina.models.llama import LlamaForCausalLM
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, reference).to(dtype)
+        model = LlamaForCausalLM(cfg, reference, shard=shard).to(dtype)
     seen = {}
     for c in linear_choices(model, quantization, torch.device("cpu")):
         key = (c.op, c.out_features, c.in_features)
@@ -126,10 +130,9 @@ def _time_linear(op: str, n: int, k: int, impls: tuple[str, ...], no_prefill: bo
     return out
 
 
-def _time_attention(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype) -> dict:
-    """decode | prefill -> lamina | torch -> seconds per call, on this model's heads."""
+def _time_attention(hq: int, hkv: int, d: int, dtype: torch.dtype, kv_dtype: torch.dtype) -> dict:
+    """decode | prefill -> lamina | torch -> seconds per call, on this model's (or rank's) heads."""
     from lamina.kernels import cpu, reference
-    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     blocks_per_seq = ATTENTION_CONTEXT // BLOCK_SIZE
     gen = torch.Generator().manual_seed(0)
     k_cache = torch.randn(ATTENTION_BATCH * blocks_per_seq, BLOCK_SIZE, hkv, d, generator=gen).to(kv_dtype)

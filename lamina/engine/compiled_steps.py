@@ -14,6 +14,9 @@ never compiles.
 
 The warm-up runs that compile each graph read and write only the runner's scratch KV block, which
 no sequence ever owns, so they cannot disturb the requests being served meanwhile.
+
+With tensor parallelism the graphs are built before serving instead, on every rank at once: a
+warm-up step's collectives must meet the other ranks' in the same order, never a served step's.
 """
 from __future__ import annotations
 
@@ -116,8 +119,9 @@ class CompiledSteps:
             sys.setswitchinterval(min(switch_interval, SERVING_SWITCH_INTERVAL))
         start = time.perf_counter()
         what = "decode and prefill steps" if self.compile_prefill else "decode step"
-        log.info("compiling the %s with torch.compile in the background; serving eagerly meanwhile "
-                 "(minutes the first time, cached after; --enforce-eager skips it)", what)
+        log.info("compiling the %s with torch.compile %s (minutes the first time, cached after; "
+                 "--enforce-eager skips it)", what,
+                 "in the background; serving eagerly meanwhile" if background else "before serving")
         try:
             decode = self._compile(type(self.model).forward, cpp_wrapper=True)
             for batch in self.decode_warm_ups:

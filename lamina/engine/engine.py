@@ -15,7 +15,7 @@ import torch
 
 from lamina.config import EngineConfig, ModelConfig
 from lamina.engine import sampler, speculative
-from lamina.engine.errors import RequestError, check_context_length
+from lamina.engine.errors import ParallelFailure, RequestError, check_context_length
 from lamina.engine.grammar import GrammarCompiler, TokenMasks
 from lamina.engine.kv_cache import BlockManager
 from lamina.engine.metrics import EngineStats, StepStats
@@ -75,7 +75,17 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         resolved = resolve(config, model_dir, self.model_config)
-        self.runner = ModelRunner(resolved)
+        # with tensor parallelism, the other ranks (lamina/distributed); this process is rank 0
+        self.workers = None
+        if resolved.tensor_parallel_size > 1:
+            from lamina.distributed.workers import Workers
+            self.workers = Workers(resolved)
+            resolved = dataclasses.replace(resolved, device=self.workers.device)
+        try:
+            self.runner = ModelRunner(resolved, *((self.workers.context, self.workers.channel) if self.workers else ()))
+        except BaseException:
+            self.shutdown()
+            raise
         capacity = self.runner.num_blocks * resolved.block_size
         if capacity < resolved.max_model_len:
             # as vLLM does: one full-length sequence must fit, so shrink the context to the cache
@@ -206,9 +216,13 @@ class LLMEngine:
         if not batch.seqs and self._awaiting_grammar and not outputs:
             # nothing can run until a grammar is compiled: wait for one rather than spin
             wait([r.grammar for r in self._awaiting_grammar], timeout=0.01, return_when=FIRST_COMPLETED)
+        if self.workers is not None:
+            self.workers.check()
         if batch.seqs:
             try:
                 self._run_batch(batch, outputs)
+            except ParallelFailure:   # the ranks are out of step: no request can be run again
+                raise
             except Exception:
                 # One request's data (a sampling parameter, a token id) can break a whole step.
                 # Nothing was committed, so the sequences are run again one at a time: only the
@@ -254,9 +268,16 @@ class LLMEngine:
                          drafted_tokens=batch.num_draft)
 
     def close(self) -> None:
-        """Finish what the engine writes on its way out: the step traces (--trace-dir)."""
+        """Finish what the engine writes on its way out (the step traces of --trace-dir), and stop
+        the tensor-parallel workers."""
+        self.shutdown()
         self.profiler.close()
         self.grammars.close()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent); the engine cannot step after."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def profile_report(self) -> str:
         """--profile-steps' report; on CPU beside this machine's peaks, measured now (a second or two)."""
@@ -281,6 +302,8 @@ class LLMEngine:
                 continue
             try:
                 self._run_batch(ScheduledBatch([seq], [n]), outputs)
+            except ParallelFailure:
+                raise
             except Exception:
                 log.exception("request %s failed in the engine", seq.request_id)
                 self._fail_request(seq.request_id, outputs)

@@ -55,3 +55,8 @@ class EngineDeadError(RuntimeError):
 class RequestFailedError(RuntimeError):
     """The engine failed while serving this one request (HTTP 500); every other request goes on.
     The message is safe to show a client: the exception itself is only logged."""
+
+
+class ParallelFailure(RuntimeError):
+    """A tensor-parallel rank died, or a step failed while the ranks ran it together: they can no
+    longer run in lockstep, so the engine cannot go on (retrying the step would deadlock)."""

@@ -1,4 +1,8 @@
-"""Owns the model and its KV cache; turns a scheduled batch into one forward pass."""
+"""Owns the model and its KV cache; turns a scheduled batch into one forward pass.
+
+With tensor parallelism every rank has a ModelRunner over its shard of the model and of the KV
+cache. Rank 0's runner broadcasts each step's inputs (`send_steps`) before its own forward; the other
+ranks receive them and call forward() the same way (lamina/distributed/worker.py)."""
 from __future__ import annotations
 
 import logging
@@ -7,9 +11,14 @@ import mmap
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from lamina.distributed.group import ParallelContext
+from lamina.distributed.sharding import Shard
+from lamina.distributed.steps import StepChannel
 from lamina.engine.compiled_steps import CompiledSteps
 from lamina.engine.cuda_graphs import DecodeGraphs
+from lamina.engine.errors import ParallelFailure
 from lamina.engine.resolve import COMPILED, CUDA_GRAPHS, ResolvedConfig
 from lamina.engine.scheduler import ScheduledBatch
 from lamina.kernels import AttentionMetadata
@@ -35,13 +44,17 @@ def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 
 
 class ModelRunner:
-    def __init__(self, config: ResolvedConfig):
+    def __init__(self, config: ResolvedConfig, parallel: ParallelContext | None = None,
+                 send_steps: StepChannel | None = None):
         self.config = config
         self.device = config.device
+        self.parallel = parallel
+        self.send_steps = send_steps
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.model = load_model(config.model_dir, config.dtype, self.device, config.backend, config.max_model_len)
-        build_linears(self.model, config.quantization, config.kernel_plan, self.device)
+        self.model = load_model(config.model_dir, config.dtype, self.device, config.backend, config.max_model_len,
+                                shard=parallel.shard if parallel is not None else Shard())
+        build_linears(self.model, config.quantization, config.kernel_plan, self.device, parallel)
         self.dtype = config.dtype
         self.kv_dtype = config.kv_cache_dtype
         self.block_size = config.block_size
@@ -50,7 +63,7 @@ class ModelRunner:
         # Warm-up steps write there, and so does a padding token's slot -1 in a compiled step.
         self.scratch_block = self.num_blocks
         cfg = self.model.config
-        shape = (self.num_blocks + 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (self.num_blocks + 1, self.block_size, self.model.num_kv_heads, cfg.head_dim)
         self.k_caches = [zeroed_cache(shape, self.kv_dtype, self.device) for _ in range(cfg.num_hidden_layers)]
         self.v_caches = [zeroed_cache(shape, self.kv_dtype, self.device) for _ in range(cfg.num_hidden_layers)]
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
@@ -66,7 +79,9 @@ class ModelRunner:
                                           row_boundaries=config.kernel_plan.row_boundaries(),
                                           max_num_seqs=config.max_num_seqs,
                                           max_step_tokens=config.max_num_batched_tokens,
-                                          max_model_len=config.max_model_len)
+                                          max_model_len=config.max_model_len,
+                                          # the ranks' warm-up steps run their collectives together
+                                          background=parallel is None)
         elif config.execution == CUDA_GRAPHS:
             self.decode_graphs = DecodeGraphs(self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                               config.max_model_len, self.block_size, self.device)
@@ -86,13 +101,17 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         cfg = self.model.config
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
-        return 2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+        return 2 * cfg.num_hidden_layers * self.block_size * self.model.num_kv_heads * cfg.head_dim * elem
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
         budget = self.config.kv_cache_memory or self._cuda_kv_budget()
         num_blocks = int(budget // self.bytes_per_block)
+        if self.parallel is not None:   # the scheduler's blocks must exist on every rank
+            n = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+            dist.all_reduce(n, dist.ReduceOp.MIN, group=self.parallel.group)
+            num_blocks = int(n.item())
         if num_blocks < 1:
             raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of {self.bytes_per_block} bytes")
         return num_blocks
@@ -104,7 +123,7 @@ class ModelRunner:
         cfg = self.model.config
         tokens = self.config.max_num_batched_tokens
         blocks = (tokens + self.block_size - 1) // self.block_size
-        shape = (blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (blocks, self.block_size, self.model.num_kv_heads, cfg.head_dim)
         tmp = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(2)]
         self.model.bind_kv_caches([tmp[0]] * cfg.num_hidden_layers, [tmp[1]] * cfg.num_hidden_layers)
         md = AttentionMetadata(
@@ -159,10 +178,21 @@ class ModelRunner:
         )
         return to(np.concatenate(ids), torch.long), to(np.concatenate(pos), torch.long), md
 
-    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """Logits [len(md.logits_indices), vocab] (float32). On CUDA a pure-decode batch replays a
-        captured graph, whose output tensor the next step overwrites."""
+        captured graph, whose output tensor the next step overwrites. With tensor parallelism a
+        failure is the group's (ParallelFailure): the ranks are no longer in step."""
+        if self.parallel is None:
+            return self._forward(input_ids, positions, md)
+        try:
+            if self.send_steps is not None:
+                self.send_steps.send(input_ids, positions, md)
+            return self._forward(input_ids, positions, md)
+        except Exception as e:
+            raise ParallelFailure(f"a tensor-parallel step failed on rank {self.parallel.rank}: {e}") from e
+
+    @torch.inference_mode()
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         for strategy in self.strategies:
             if strategy.fits(md):
                 return strategy.run(input_ids, positions, md)

@@ -8,12 +8,14 @@ a small function here, so `lamina env` reports exactly what an engine would choo
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
 from lamina import envs
 from lamina.config import EngineConfig, ModelConfig
+from lamina.distributed.sharding import Shard
 from lamina.engine.autotune import plan_for
 from lamina.engine.speculative import SpeculativeConfig
 from lamina.kernels import Backend, get_backend
@@ -50,6 +52,7 @@ class ResolvedConfig:
     gpu_memory_utilization: float
     enable_prefix_caching: bool
     num_threads: int | None
+    tensor_parallel_size: int
     seed: int
     log_stats_interval: float
     profile_steps: bool
@@ -64,7 +67,8 @@ class ResolvedConfig:
                 f"quantization {self.quantization or 'none'}, context {self.max_model_len}, "
                 f"max {self.max_num_seqs} sequences / {self.max_num_batched_tokens} tokens a step, "
                 f"prefix caching {'on' if self.enable_prefix_caching else 'off'}, "
-                f"speculative decoding {self.speculative.describe() if self.speculative else 'off'}")
+                f"speculative decoding {self.speculative.describe() if self.speculative else 'off'}"
+                + (f", tensor parallel over {self.tensor_parallel_size} ranks" if self.tensor_parallel_size > 1 else ""))
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -86,7 +90,8 @@ def resolve_kv_cache_dtype(name: str, device: torch.device, backend: Backend, dt
     return DTYPES[name]
 
 
-def resolve_execution(enforce_eager: bool | None, device: torch.device, backend: Backend) -> tuple[str, str]:
+def resolve_execution(enforce_eager: bool | None, device: torch.device, backend: Backend,
+                      tensor_parallel_size: int = 1) -> tuple[str, str]:
     """How steps run, and why. On CPU, compiled steps (built in the background); on CUDA, CUDA
     graphs of decode steps, which remove the launch overhead that compiling cuts on CPU (so
     --compile is ignored there). --enforce-eager, or $LAMINA_ENFORCE_EAGER when neither flag is
@@ -96,6 +101,8 @@ def resolve_execution(enforce_eager: bool | None, device: torch.device, backend:
     if enforce_eager:
         return EAGER, "--enforce-eager"
     if device.type == "cuda":
+        if tensor_parallel_size > 1:
+            return EAGER, "decode graphs over NCCL collectives are untested, so tensor parallelism runs eagerly"
         if not backend.cuda_graphs:
             return EAGER, f"the {backend.name} backend cannot be captured in CUDA graphs"
         return CUDA_GRAPHS, "decode steps replay CUDA graphs"
@@ -109,15 +116,22 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
         raise ValueError(f"profile_torch_steps must be >= 0, got {config.profile_torch_steps}")
     if config.profile_torch_steps and not config.trace_dir:
         raise ValueError("profile_torch_steps writes its trace into trace_dir: give both")
+    Shard(0, config.tensor_parallel_size).check(model_config)
     device = resolve_device(config.device)
     backend = get_backend(config.attention_backend, device)
+    num_threads = config.num_threads
+    if num_threads is None and device.type == "cpu" and config.tensor_parallel_size > 1:
+        # the ranks on this machine share its cores: torch's default (all of them) would oversubscribe it
+        ranks_here = envs.local_world_size() if envs.launched_by_torchrun() else config.tensor_parallel_size
+        num_threads = max(1, (os.cpu_count() or 1) // ranks_here)
     dtype = resolve_dtype(config.dtype, device, model_config)
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, device, backend, dtype)
-    if device.type == "cpu" and config.num_threads:
-        torch.set_num_threads(config.num_threads)   # before the kernels are timed: at the threads that serve
-    plan = plan_for(model_config, dtype, kv_dtype, config.quantization, backend.name, device)
+    if device.type == "cpu" and num_threads:
+        torch.set_num_threads(num_threads)   # before the kernels are timed: at the threads that serve
+    plan = plan_for(model_config, dtype, kv_dtype, config.quantization, backend.name, device,
+                    config.tensor_parallel_size)
     backend = get_backend(backend.name, device, attention=plan.attention)
-    execution, reason = resolve_execution(config.enforce_eager, device, backend)
+    execution, reason = resolve_execution(config.enforce_eager, device, backend, config.tensor_parallel_size)
     if device.type == "cuda" and config.enforce_eager is False:
         log.warning("--compile is ignored on CUDA: decode steps replay CUDA graphs instead")
     kv_memory = config.kv_cache_memory
@@ -130,7 +144,8 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
         block_size=config.block_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_memory=kv_memory,
         num_kv_blocks=config.num_kv_blocks, gpu_memory_utilization=config.gpu_memory_utilization,
-        enable_prefix_caching=config.enable_prefix_caching, num_threads=config.num_threads, seed=config.seed,
+        enable_prefix_caching=config.enable_prefix_caching, num_threads=num_threads,
+        tensor_parallel_size=config.tensor_parallel_size, seed=config.seed,
         log_stats_interval=config.log_stats_interval, profile_steps=config.profile_steps,
         trace_dir=config.trace_dir, profile_torch_steps=config.profile_torch_steps,
         speculative=SpeculativeConfig.parse(config.speculative_config))

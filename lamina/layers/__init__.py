@@ -9,7 +9,8 @@ weights are loaded, `build_linears` swaps each nn.Linear for the layer that will
     quant.Int8Linear     --quantization int8 (and int4's lm_head)
     quant.Int4Linear     --quantization int4
 
-A layer whose plan is torch's matmul at every row count stays an nn.Linear. `linear_choices` is the
+A layer whose plan is torch's matmul at every row count stays an nn.Linear. With tensor parallelism
+(a `parallel` context), parallel.parallelize then wraps the layers that combine the ranks' parts. `linear_choices` is the
 one rule for which op serves which projection: the kernel dispatch measures exactly those ops
 (engine/autotune.py), and `build_linears` puts them in place. A new layer type is a class here, an
 op in kernels/dispatch.py, and a line in `linear_choices`.
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lamina.distributed.group import ParallelContext
 from lamina.kernels.dispatch import KernelPlan
 from lamina.layers.linear import Bf16Linear, Bf16SwiGLU, PlannedLinear
+from lamina.layers.parallel import ROW_PARALLEL, parallelize
 from lamina.layers.quant import INT4_GROUP_SIZE, METHODS, Int4Linear, Int8Linear
 
 log = logging.getLogger("lamina.layers")
@@ -67,9 +70,10 @@ def linear_choices(model: nn.Module, quantization: str | None, device: torch.dev
     return choices
 
 
-def build_linears(model: nn.Module, quantization: str | None, plan: KernelPlan, device: torch.device) -> int:
-    """Put in place the layer of each projection, with the implementations `plan` chose for it;
-    returns how many were replaced."""
+def build_linears(model: nn.Module, quantization: str | None, plan: KernelPlan, device: torch.device,
+                  parallel: ParallelContext | None = None) -> int:
+    """Put in place the layer of each projection, with the implementations `plan` chose for it, and
+    the tensor-parallel layers where `parallel` spans several ranks; returns how many were replaced."""
     replaced = 0
     if quantization == "int4":
         for name, m in model.named_modules():
@@ -85,10 +89,17 @@ def build_linears(model: nn.Module, quantization: str | None, plan: KernelPlan, 
         linear = model.get_submodule(choice.name)
         if choice.op.startswith("bf16") and all(i == "torch" for i in vars(row_plan).values()):
             continue      # torch's matmul at every row count: the nn.Linear itself
-        _replace(model, choice.name, LAYERS[choice.op](linear, row_plan))
+        options = {}
+        if choice.op == "int8_linear" and parallel is not None and parallel.world_size > 1 \
+                and choice.name.rpartition(".")[2] in ROW_PARALLEL:
+            # a row-parallel shard holds a slice of each output channel: scale it as the whole row
+            options["amax"] = parallel.max_over_ranks(linear.weight.detach().abs().amax(dim=1).float())
+        _replace(model, choice.name, LAYERS[choice.op](linear, row_plan, **options))
         replaced += 1
         if choice.op == "bf16_swiglu":   # the GEMM applies SwiGLU itself, so the MLP's own activation goes
             _replace(model, choice.name.rpartition(".")[0] + ".act", nn.Identity())
+    if parallel is not None and parallel.world_size > 1:
+        parallelize(model, parallel)
     return replaced
 
 

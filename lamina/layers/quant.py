@@ -45,12 +45,14 @@ def _packable(linear: nn.Linear, device: torch.device | None) -> bool:
 
 
 class Int8Linear(PlannedLinear):
+    """`amax`: each output channel's largest |weight| over the whole row, where this layer holds only
+    a slice of it (a row-parallel shard): its scales are then those of the unsharded layer."""
     op = "int8_linear"
 
-    def __init__(self, linear: nn.Linear, plan: RowPlan | None = None):
+    def __init__(self, linear: nn.Linear, plan: RowPlan | None = None, amax: torch.Tensor | None = None):
         super().__init__(linear, plan)
         w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        scale = (w.abs().amax(dim=1) if amax is None else amax.float()).clamp(min=1e-8) / 127.0
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         if self.plan.uses("lamina"):
             self.register_buffer("packed", pack_int8(q))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lamina.config import ModelConfig
+from lamina.distributed.sharding import Part, Shard
 from lamina.kernels import AttentionMetadata, Ops
 from lamina.layers.activation import SiluAndMul
 
@@ -65,10 +66,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    """This rank's heads (all of them without tensor parallelism)."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, shard: Shard):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.num_heads = shard.q_heads(cfg)[1]
+        self.num_kv_heads = shard.kv_heads(cfg)[1]
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -95,25 +98,27 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul. Where the
-    gate/up layer applies the activation itself (a fused GEMM chosen at load), `act` is an identity."""
+    gate/up layer applies the activation itself (a fused GEMM chosen at load), `act` is an identity.
+    With tensor parallelism it holds this rank's channels."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, shard: Shard):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        channels = shard.channels(cfg)[1]
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * channels, bias=False)
         self.act = SiluAndMul(ops)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = nn.Linear(channels, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, shard: Shard):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, ops)
+        self.self_attn = Attention(cfg, ops, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = MLP(cfg, ops, shard)
 
     def forward(self, x, residual, positions, cos_sin_cache, md):
         # the residual add is fused into each norm: norm(x + residual) and the new residual
@@ -127,16 +132,22 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops, max_len: int | None = None):
+    """With a `shard` of N > 1 the model holds one rank's part of every weight (sharding.py), at
+    its local shapes; layers/parallel.py then puts in the layers that combine the ranks' parts."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, max_len: int | None = None, shard: Shard = Shard()):
         super().__init__()
+        shard.check(cfg)
         self.config = cfg
+        self.shard = shard
+        self.num_kv_heads = shard.kv_heads(cfg)[1]     # this rank's: the KV cache's width
+        vocab = shard.vocab_rows(cfg)
         # an explicit weight skips nn.Embedding's random init, whose normal_ on the meta device
         # imports torch._dynamo: seconds before a first answer that never compiles anything
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, shard) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
         # not a registered buffer: it is derived from the config, never loaded, and stays float32
         self.cos_sin_cache = rope_cos_sin_cache(cfg, max_len or cfg.max_position_embeddings)
 
@@ -173,14 +184,48 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> str | None:
-        """Copy one checkpoint tensor into place. Returns the parameter name it filled (with the
-        fused slice suffixed), or None when the tensor is not part of the model."""
+    @staticmethod
+    def _local_name(name: str) -> str | None:
+        """A checkpoint tensor's name as the model knows it; None for tensors it has no use for."""
         if name.startswith("model."):
             name = name[len("model."):]
-        if "rotary_emb" in name:
+        return None if "rotary_emb" in name else name
+
+    def part_of(self, name: str, shape: tuple[int, ...]) -> Part | None:
+        """Which part of checkpoint tensor `name` (of `shape`) this rank loads: all of it unless the
+        model is sharded; None when the model has no use for the tensor (read nothing of it)."""
+        name = self._local_name(name)
+        if name is None or (name == "lm_head.weight" and self.config.tie_word_embeddings):
             return None
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+        cfg, shard, hd = self.config, self.shard, self.config.head_dim
+        parts = name.split(".")
+        module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", name)
+        q_heads, kv_heads = shard.q_heads(cfg), shard.kv_heads(cfg)
+        # module -> (dimension split, its full size, this rank's (first, count) in units of `unit` rows)
+        split = {"q_proj": (0, cfg.num_attention_heads * hd, q_heads, hd),
+                 "k_proj": (0, cfg.num_key_value_heads * hd, kv_heads, hd),
+                 "v_proj": (0, cfg.num_key_value_heads * hd, kv_heads, hd),
+                 "gate_proj": (0, cfg.intermediate_size, shard.channels(cfg), 1),
+                 "up_proj": (0, cfg.intermediate_size, shard.channels(cfg), 1),
+                 "embed_tokens": (0, cfg.vocab_size, shard.vocab(cfg), 1),
+                 "lm_head": (0, cfg.vocab_size, shard.vocab(cfg), 1)}
+        if kind == "weight":   # row-parallel: split by input; their biases are whole
+            split.update({"o_proj": (1, cfg.num_attention_heads * hd, q_heads, hd),
+                          "down_proj": (1, cfg.intermediate_size, shard.channels(cfg), 1)})
+        if module in split:
+            dim, full, (first, count), unit = split[module]
+            if len(shape) <= dim or shape[dim] != full:   # a slice would silently miss or pad rows
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(shape)}, the model expects "
+                                 f"{full} along dimension {dim}")
+            return Part(dim, first * unit, count * unit)
+        return Part(0, 0, shape[0]) if shape else Part(0, 0, 0)   # replicated: norms, o_proj's bias
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> str | None:
+        """Copy one checkpoint tensor (this rank's part of it, as part_of says) into place. Returns
+        the parameter name it filled (with the fused slice suffixed), or None when the tensor is
+        not part of the model."""
+        name = self._local_name(name)
+        if name is None or (name == "lm_head.weight" and self.config.tie_word_embeddings):
             return None
         parts = name.split(".")
         if len(parts) >= 2 and parts[-2] in self._FUSED:
@@ -196,6 +241,10 @@ class LlamaForCausalLM(nn.Module):
             except AttributeError:
                 return None
             filled = name
+            if parts[0] in ("embed_tokens", "lm_head"):
+                # the last ranks' vocabulary rows past the end are padding: zeros, never sampled
+                dst[tensor.shape[0]:].zero_()
+                dst = dst[:tensor.shape[0]]
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(dst.shape)}")
@@ -203,10 +252,10 @@ class LlamaForCausalLM(nn.Module):
         return filled
 
     def _fused_sizes(self, fused: str) -> list[int]:
-        cfg = self.config
+        cfg, shard = self.config, self.shard
         if fused == "qkv_proj":
-            return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
-        return [cfg.intermediate_size] * 2
+            return [shard.q_heads(cfg)[1] * cfg.head_dim] + [shard.kv_heads(cfg)[1] * cfg.head_dim] * 2
+        return [shard.channels(cfg)[1]] * 2
 
     def expected_weights(self) -> set[str]:
         """Every name load_weight must fill for the model to be complete."""

@@ -1,4 +1,5 @@
-"""Hugging Face directory (config.json + *.safetensors) -> a ready LlamaForCausalLM."""
+"""Hugging Face directory (config.json + *.safetensors) -> a ready LlamaForCausalLM (or one rank's
+shard of it). A GGUF file reaches here too: the registry converts it once into such a directory."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from lamina.config import ModelConfig, ModelLoadError
+from lamina.distributed.sharding import Part, Shard
 from lamina.kernels import Backend, get_backend
 from lamina.models.llama import LlamaForCausalLM
 
@@ -58,9 +60,12 @@ def safetensors_files(model_dir: str) -> list[str]:
 
 
 def load_model(model_dir: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               backend: Backend | str | None = None, max_len: int | None = None) -> LlamaForCausalLM:
+               backend: Backend | str | None = None, max_len: int | None = None,
+               shard: Shard = Shard()) -> LlamaForCausalLM:
     """Build the model straight at its final dtype and device, then fill it one checkpoint tensor at
-    a time from memory-mapped safetensors, so two full copies of the weights never coexist."""
+    a time from memory-mapped safetensors, so two full copies of the weights never coexist. With a
+    `shard` of a tensor-parallel group, the model holds that rank's part only, and only that part of
+    each tensor is read from the file (`model.bytes_read` counts what was)."""
     cfg = ModelConfig.from_dir(model_dir)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device, cfg)
@@ -69,7 +74,7 @@ def load_model(model_dir: str, dtype: str | torch.dtype = "auto", device: str | 
     torch.set_default_dtype(torch_dtype)
     try:
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg, ops, max_len=max_len)
+            model = LlamaForCausalLM(cfg, ops, max_len=max_len, shard=shard)
     finally:
         torch.set_default_dtype(default_dtype)
     model.to_empty(device=device)
@@ -78,12 +83,19 @@ def load_model(model_dir: str, dtype: str | torch.dtype = "auto", device: str | 
 
     expected = model.expected_weights()
     filled: set[str] = set()
+    bytes_read = 0
     with torch.no_grad():
         for path in safetensors_files(model_dir):
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
+                    tensor_slice = f.get_slice(name)
                     try:
-                        done = model.load_weight(name, f.get_tensor(name))
+                        part = model.part_of(name, tuple(tensor_slice.get_shape()))
+                        if part is None:
+                            continue
+                        tensor = read_part(tensor_slice, part)
+                        bytes_read += tensor.numel() * tensor.element_size()
+                        done = model.load_weight(name, tensor)
                     except ValueError as e:
                         raise ModelLoadError(f"{os.path.basename(path)}: {e}") from None
                     if done is not None:
@@ -95,4 +107,15 @@ def load_model(model_dir: str, dtype: str | torch.dtype = "auto", device: str | 
                              + (" ..." if len(missing) > 8 else ""))
     model.eval()
     model.dtype = torch_dtype
+    model.bytes_read = bytes_read
     return model
+
+
+def read_part(tensor_slice, part: Part) -> torch.Tensor:
+    """Only `part` of a safetensors slice (safe_open(...).get_slice), read from the file."""
+    shape = tensor_slice.get_shape()
+    if not shape:
+        return tensor_slice[...]
+    if part.dim == 0:
+        return tensor_slice[part.start:part.start + part.length]
+    return tensor_slice[:, part.start:part.start + part.length]
