@@ -90,6 +90,25 @@ def test_tp2_engine_features(tmp_path):
         assert len(pa) == len(pb) and all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(pa, pb))
 
 
+def test_tp2_structured_outputs_and_speculative_decoding(tmp_path):
+    """A grammar-constrained request and n-gram speculation (verification steps of k+1 query tokens
+    broadcast like any other) give TP=1's tokens with TP=2."""
+    save_tiny_hf_model(tmp_path)
+    looping = [(list(range(9, 14)) * 5)[:23], ([3, 1, 4, 1, 5] * 6)[:27]]
+    params = [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)] * 2 + [
+        SamplingParams(max_tokens=40, temperature=0.8, seed=3, structured_outputs={"regex": "[a-e]{3}-[0-9]{2}"})]
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    one = LLM(str(tmp_path), **ENGINE).generate(looping + [PROMPTS[0]], params, use_tqdm=False)
+    two_llm = LLM(str(tmp_path), tensor_parallel_size=2, speculative_config=spec, **ENGINE)
+    try:
+        two = two_llm.generate(looping + [PROMPTS[0]], params, use_tqdm=False)
+        assert two_llm.engine.stats.spec_num_accepted_tokens_total > 0
+    finally:
+        two_llm.shutdown()
+    assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
+    assert two[2].outputs[0].finish_reason == "stop" and len(two[2].outputs[0].text) == 6
+
+
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_tp2_quantized_shards(tmp_path, quantization):
     """Each rank quantizes its own shard, into a slice of TP=1's quantized weights: int4's groups of
