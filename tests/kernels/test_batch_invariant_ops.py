@@ -1,6 +1,6 @@
-"""The batch-invariant backends' attention: a query row gets the same bits in a whole prompt, in a
-later chunk of it, or as a decode step, beside any other sequences (tests/engine/test_batch_invariant.py
-checks the whole engine)."""
+"""The kernels of batch-invariant mode. Attention: a query row gets the same bits in a whole prompt,
+in a later chunk of it, or as a decode step, beside any other sequences. GEMMs: a row gets the same
+bits at any row count. (tests/engine/test_batch_invariant.py checks the whole engine.)"""
 import pytest
 import torch
 
@@ -71,3 +71,21 @@ def test_only_backends_with_batch_invariant_kernels_offer_the_mode():
     assert not get_backend("triton", "cpu").batch_invariant
     with pytest.raises(ValueError, match="torch attention backend has no batch-invariant mode"):
         get_backend("torch", "cpu", batch_invariant=True)
+
+
+@pytest.mark.parametrize("layer", ["Bf16Linear", "Bf16SwiGLU", "Int8Linear", "Int4Linear"])
+def test_gemm_rows_do_not_depend_on_the_batch(layer, cpu_kernels):
+    """lamina's GEMMs, which batch-invariant mode pins at every row count: each output row is the
+    same bits at any row count and any offset into the register tiles and parallel chunks."""
+    from torch import nn
+
+    from lamina import layers
+    from lamina.kernels.dispatch import RowPlan
+    torch.manual_seed(0)
+    linear = nn.Linear(320, 192, bias=False).to(torch.bfloat16)
+    gemm = getattr(layers, layer)(linear, RowPlan("lamina", "lamina", "lamina"))
+    x = torch.randn(300, 320).to(torch.bfloat16)
+    with torch.inference_mode():
+        full = gemm(x)
+        for first, rows in ((0, 1), (5, 1), (3, 7), (8, 9), (40, 17), (1, 130), (150, 150)):
+            assert torch.equal(gemm(x[first:first + rows]), full[first:first + rows]), (first, rows)
