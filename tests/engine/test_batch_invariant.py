@@ -14,6 +14,7 @@ import dataclasses
 import random
 
 import pytest
+import torch
 
 from lamina.cli import build_parser, engine_config_from_args
 from lamina.config import EngineConfig, ModelConfig
@@ -70,11 +71,16 @@ def setup(request) -> Setup:
     backend, model_fixture, vocab, lengths, long_lengths, max_tokens = SETUPS[request.param]
     if backend == "cpu":
         request.getfixturevalue("cpu_kernels")
+    elif torch.cuda.is_available():
+        # Triton runs interpreted only where there is no GPU (tests/conftest.py), and the mode is
+        # refused on CUDA (test_what_cannot_be_batch_invariant_is_a_clear_error)
+        pytest.skip("batch-invariant mode runs on CPU only; its Triton kernels are tested interpreted")
     model_dir = request.getfixturevalue(model_fixture)
 
     def engine(**kw):
         kw.setdefault("kv_cache_memory", 128 << 20)
-        return LLMEngine(EngineConfig(model=model_dir, attention_backend=backend, batch_invariant=True, **kw))
+        return LLMEngine(EngineConfig(model=model_dir, device="cpu", attention_backend=backend, batch_invariant=True,
+                                      **kw))
 
     def prompts(count, seed, long=False):
         rng = random.Random(seed)

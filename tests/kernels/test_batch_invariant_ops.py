@@ -7,6 +7,8 @@ import torch
 from lamina.kernels import AttentionMetadata, get_backend
 
 BLOCK_SIZE = 16
+# the Triton kernels run on the GPU where there is one, else interpreted (tests/conftest.py)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _cache(lengths, kv_heads, head_dim, dtype, seed=0):
@@ -30,10 +32,12 @@ def _attend(ops, q, k, v, tables, steps):
     sequence's query rows by position. Returns each entry's output rows."""
     rows = torch.cat([q[s][first:first + n] for s, first, n in steps])
     counts = [n for _, _, n in steps]
+    dev = rows.device
     md = AttentionMetadata(
-        query_start_loc=torch.tensor([0] + counts, dtype=torch.int32).cumsum(0, dtype=torch.int32),
-        seq_lens=torch.tensor([first + n for _, first, n in steps], dtype=torch.int32),
-        block_tables=tables[[s for s, _, _ in steps]], slot_mapping=torch.zeros(len(rows), dtype=torch.int64),
+        query_start_loc=torch.tensor([0] + counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev),
+        seq_lens=torch.tensor([first + n for _, first, n in steps], dtype=torch.int32, device=dev),
+        block_tables=tables[[s for s, _, _ in steps]],
+        slot_mapping=torch.zeros(len(rows), dtype=torch.int64, device=dev),
         max_query_len=max(counts), max_seq_len=max(first + n for _, first, n in steps))
     out = ops.paged_attention(rows, k, v, md, q[0].shape[-1] ** -0.5)
     return out.split(counts)
@@ -48,11 +52,12 @@ def _attend(ops, q, k, v, tables, steps):
 def test_a_row_is_the_same_alone_chunked_or_decoded(backend, heads, kv_heads, head_dim, dtype, request):
     if backend == "cpu":
         request.getfixturevalue("cpu_kernels")
-    ops = get_backend(backend, "cpu", batch_invariant=True).ops
+    device = "cpu" if backend == "cpu" else TRITON_DEVICE
+    ops = get_backend(backend, device, batch_invariant=True).ops
     lengths = [150, 40, 97]
-    k, v, tables = _cache(lengths, kv_heads, head_dim, dtype)
+    k, v, tables = (t.to(device) for t in _cache(lengths, kv_heads, head_dim, dtype))
     g = torch.Generator().manual_seed(1)
-    q = [torch.randn(n, heads, head_dim, generator=g).to(dtype) for n in lengths]
+    q = [torch.randn(n, heads, head_dim, generator=g).to(device, dtype) for n in lengths]
     whole = _attend(ops, q, k, v, tables, [(0, 0, 150)])[0]
     # chunked at 64 beside another prompt, and beside a decode row
     chunks = [_attend(ops, q, k, v, tables, [(1, 0, 40), (0, 0, 64)])[1],
