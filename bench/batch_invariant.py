@@ -92,7 +92,7 @@ def main() -> int:
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump({**report, "runs": runs}, f, indent=1)
-    print(f"\n| mode | decode tok/s | batch of 32 tok/s |\n|---|---|---|")
+    print("\n| mode | decode tok/s | batch of 32 tok/s |\n|---|---|---|")
     for m in modes:
         t = report["tok_s"][m]
         print(f"| {m} | {fmt_spread(t['decode'], '', 1)} | {fmt_spread(t['batch'], '', 1)} |")
@@ -100,7 +100,8 @@ def main() -> int:
         print(f"| {name} | {fmt_spread(ratio['decode'])} | {fmt_spread(ratio['batch'])} |")
     busy = report["others_busy"]
     if busy:
-        print(f"\nother processes kept {busy['median']:.0%} of the CPUs busy (median; {busy['min']:.0%}-{busy['max']:.0%})")
+        print(f"\nother processes kept {busy['median']:.0%} of the CPUs busy "
+              f"(median; {busy['min']:.0%}-{busy['max']:.0%})")
     print(f"written {stem}.json")
     return 0
 
