@@ -50,6 +50,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(the default on CPU; ignored on CUDA, where decode replays CUDA graphs)")
     g.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
                    help="no torch.compile on CPU, no CUDA graphs on GPU: less CPU at start, slower small-batch decode ($LAMINA_ENFORCE_EAGER=1)")
+    g.add_argument("--batch-invariant", action="store_true", default=None,
+                   help="a request's tokens and logprobs bit for bit the same whatever else shares its steps, "
+                        "however its prompt is chunked or cached; slower (CPU, bfloat16; $LAMINA_BATCH_INVARIANT=1)")
     g.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads, per rank with -tp (default: torch's choice; with -tp N on CPU, the cores / N)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",

@@ -111,6 +111,9 @@ class EngineConfig:
     enforce_eager: bool | None = None         # None: compile decode steps on CPU, CUDA graphs on GPU ($LAMINA_ENFORCE_EAGER=1: neither)
     num_threads: int | None = None            # torch intra-op threads on CPU (per rank with tensor parallelism)
     tensor_parallel_size: int = 1             # ranks the model is split over (lamina/distributed)
+    # a request's tokens and logprobs bitwise independent of what else shares its steps (None:
+    # $LAMINA_BATCH_INVARIANT); slower: one kernel per op for every batch, eager steps
+    batch_invariant: bool | None = None
     seed: int = 0
     log_stats_interval: float = 0.0           # seconds between periodic stats log lines; 0 = off
     profile_steps: bool = False

@@ -3,7 +3,8 @@
 `plan_for` lists the model's projections the way the model will be built (layers.linear_choices on
 a model on the meta device: no memory, no weights), then times each op's implementations on random
 weights of each shape, once per machine (the cache in dispatch.py), and attention on the model's
-heads. It runs at engine start, before the weights load; `lamina env` shows what it chose.
+heads. It runs at engine start, before the weights load; `lamina env` shows what it chose. In
+batch-invariant mode it measures nothing: each op takes dispatch.BATCH_INVARIANT's implementation.
 """
 from __future__ import annotations
 
@@ -27,13 +28,20 @@ ATTENTION_BATCH, ATTENTION_CONTEXT, BLOCK_SIZE = 8, 512, 16
 
 
 def plan_for(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype, quantization: str | None,
-             backend_name: str, device: torch.device, tensor_parallel_size: int = 1) -> KernelPlan:
+             backend_name: str, device: torch.device, tensor_parallel_size: int = 1,
+             batch_invariant: bool = False) -> KernelPlan:
     """The shapes timed are one rank's (every rank's are the same) with tensor parallelism."""
     shard = Shard(0, tensor_parallel_size)
     overrides = dispatch.parse_overrides(envs.dispatch())
     if device.type != "cpu":
         return KernelPlan(source=f"nothing to choose on {device.type}", overrides=overrides)
     choices = _choices(cfg, dtype, quantization, shard)
+    if batch_invariant:
+        linears = tuple((key, dispatch.batch_invariant_plan(key[0], impls, overrides, "%s %dx%d" % key))
+                        for key, impls, _ in choices)
+        attention = dispatch.batch_invariant_plan("attention", ("lamina",), overrides)
+        return KernelPlan(linears, attention, "batch-invariant: one implementation per op, not measured",
+                          overrides, batch_invariant=True)
     measure = envs.autotune()
     facts = dispatch.cache_facts()
     path = dispatch.cache_path(facts)

@@ -40,6 +40,7 @@ class ResolvedConfig:
     kv_cache_dtype: torch.dtype
     backend: Backend
     kernel_plan: KernelPlan             # which implementation serves each op and shape (measured)
+    batch_invariant: bool               # a row's bits never depend on the other rows of its steps
     execution: str                      # eager | compiled | cuda-graphs
     execution_reason: str
     quantization: str | None
@@ -68,7 +69,8 @@ class ResolvedConfig:
                 f"max {self.max_num_seqs} sequences / {self.max_num_batched_tokens} tokens a step, "
                 f"prefix caching {'on' if self.enable_prefix_caching else 'off'}, "
                 f"speculative decoding {self.speculative.describe() if self.speculative else 'off'}"
-                + (f", tensor parallel over {self.tensor_parallel_size} ranks" if self.tensor_parallel_size > 1 else ""))
+                + (f", tensor parallel over {self.tensor_parallel_size} ranks" if self.tensor_parallel_size > 1 else "")
+                + (", batch-invariant" if self.batch_invariant else ""))
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -95,7 +97,14 @@ def resolve_execution(enforce_eager: bool | None, device: torch.device, backend:
     """How steps run, and why. On CPU, compiled steps (built in the background); on CUDA, CUDA
     graphs of decode steps, which remove the launch overhead that compiling cuts on CPU (so
     --compile is ignored there). --enforce-eager, or $LAMINA_ENFORCE_EAGER when neither flag is
-    given, turns both off; a backend that cannot run under a strategy says so here."""
+    given, turns both off; a backend that cannot run under a strategy says so here. A batch-invariant
+    backend runs one eager path for every batch (a compiled step, swapped in mid-run and fusing
+    torch's own ops, would round differently from the eager steps before it)."""
+    if backend.batch_invariant:
+        if enforce_eager is False:
+            raise ValueError("--compile cannot serve batch-invariant mode: its steps run eagerly, one kernel "
+                             "per op for every batch; drop --compile or the mode")
+        return EAGER, "batch-invariant mode: one eager path for every batch"
     if enforce_eager is None and envs.enforce_eager():
         return EAGER, "$LAMINA_ENFORCE_EAGER is set"
     if enforce_eager:
@@ -109,6 +118,29 @@ def resolve_execution(enforce_eager: bool | None, device: torch.device, backend:
     if not backend.compilable:
         return EAGER, f"torch.compile cannot trace the {backend.name} backend's kernels on {device.type}"
     return COMPILED, "torch.compile'd in the background, eager until ready"
+
+
+def resolve_batch_invariant(asked: bool | None, device: torch.device, backend: Backend, dtype: torch.dtype,
+                            kv_dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the engine runs batch-invariant (asked, else $LAMINA_BATCH_INVARIANT); a ValueError
+    where it cannot: every op must have a kernel whose sums for a row ignore the other rows."""
+    on = envs.batch_invariant() if asked is None else asked
+    if not on:
+        return False
+    if backend.name == "torch":
+        raise ValueError("the torch attention backend has no batch-invariant mode (torch's attention splits its "
+                         "work by query length); use the cpu or triton backend")
+    if device.type != "cpu":
+        raise ValueError(f"batch-invariant mode runs on CPU only for now: on {device.type} the GEMMs are "
+                         "torch's, which choose their kernel (and so their order of sums) by the number of rows")
+    if dtype != torch.bfloat16 or kv_dtype != torch.bfloat16:
+        raise ValueError("batch-invariant mode on CPU needs a bfloat16 model and KV cache (lamina's GEMMs and "
+                         f"attention); got dtype {_name(dtype)}, KV cache {_name(kv_dtype)}")
+    from lamina.kernels import cpu
+    if backend.name == "cpu" and head_dim not in cpu.PREFILL_HEAD_DIMS:
+        raise ValueError(f"batch-invariant mode's CPU attention takes head_dim {cpu.PREFILL_HEAD_DIMS}, "
+                         f"not {head_dim}")
+    return True
 
 
 def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> ResolvedConfig:
@@ -128,9 +160,11 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, device, backend, dtype)
     if device.type == "cpu" and num_threads:
         torch.set_num_threads(num_threads)   # before the kernels are timed: at the threads that serve
+    batch_invariant = resolve_batch_invariant(config.batch_invariant, device, backend, dtype, kv_dtype,
+                                              model_config.head_dim)
     plan = plan_for(model_config, dtype, kv_dtype, config.quantization, backend.name, device,
-                    config.tensor_parallel_size)
-    backend = get_backend(backend.name, device, attention=plan.attention)
+                    config.tensor_parallel_size, batch_invariant)
+    backend = get_backend(backend.name, device, attention=plan.attention, batch_invariant=batch_invariant)
     execution, reason = resolve_execution(config.enforce_eager, device, backend, config.tensor_parallel_size)
     if device.type == "cuda" and config.enforce_eager is False:
         log.warning("--compile is ignored on CUDA: decode steps replay CUDA graphs instead")
@@ -139,7 +173,8 @@ def resolve(config: EngineConfig, model_dir: str, model_config: ModelConfig) -> 
         kv_memory = DEFAULT_CPU_KV_BYTES
     return ResolvedConfig(
         model=config.model, model_dir=model_dir, device=device, dtype=dtype,
-        kv_cache_dtype=kv_dtype, backend=backend, kernel_plan=plan, execution=execution, execution_reason=reason, quantization=config.quantization,
+        kv_cache_dtype=kv_dtype, backend=backend, kernel_plan=plan, batch_invariant=batch_invariant,
+        execution=execution, execution_reason=reason, quantization=config.quantization,
         max_model_len=config.max_model_len or model_config.max_position_embeddings,
         block_size=config.block_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_memory=kv_memory,

@@ -15,6 +15,8 @@ provides the same five functions:
 `get_backend()` returns a `Backend`: one of these as the model's ops, plus what the engine's
 execution strategies may do with them. The runner asks the backend; it never tests which one it is.
 A new backend is a module (or object) with these five functions and one entry in `get_backend`.
+In batch-invariant mode `get_backend` returns a backend's batch-invariant ops instead (cpu and triton
+have them), whose results for a row never depend on the other rows of the call.
 cpu_build.py builds and loads the C++ kernels; lamina/cpu_features.py asks the OS what this CPU may run.
 """
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Backend:
     compiled_prefill_head_dims: tuple[int, ...] = ()
     # decode steps can be captured in CUDA graphs (no host syncs inside)
     cuda_graphs: bool = False
+    # its ops give each row the same bits whatever other rows share the call (batch-invariant mode)
+    batch_invariant: bool = False
 
 
 @dataclass
@@ -79,12 +83,16 @@ class AttentionMetadata:
 
 
 def get_backend(name: str | None = None, device: torch.device | str = "cpu",
-                attention: AttentionPlan | None = None) -> Backend:
+                attention: AttentionPlan | None = None, batch_invariant: bool = False) -> Backend:
     """An explicit name, else $LAMINA_ATTENTION_BACKEND, else `default_backend_name(device)`. The cpu
-    backend's attention follows `attention` (the dispatch's choice; lamina's kernels by default)."""
+    backend's attention follows `attention` (the dispatch's choice; lamina's kernels by default).
+    With batch_invariant, the backend's batch-invariant ops (a ValueError where it has none); they
+    run eagerly, one kernel per op for every batch, so none of them compiles or captures."""
     device = torch.device(device)
     name = name or envs.attention_backend() or default_backend_name(device)
     from lamina.kernels import reference
+    if batch_invariant:
+        return _batch_invariant_backend(name, device)
     if name == "torch":
         # larger decode batches are grouped by length in eager attention, which a graph cannot do
         return Backend("torch", reference, compilable=device.type == "cpu",
@@ -104,6 +112,22 @@ def get_backend(name: str | None = None, device: torch.device | str = "cpu",
     if name == "triton":
         from lamina.kernels import triton_ops
         return Backend("triton", triton_ops, compilable=False, cuda_graphs=device.type == "cuda")
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _batch_invariant_backend(name: str, device: torch.device) -> Backend:
+    if name == "cpu":
+        from lamina.kernels import cpu, cpu_build
+        if not cpu_build.load():
+            raise RuntimeError("batch-invariant mode on CPU needs lamina's C++ kernels, which could not be loaded "
+                               f"here: {cpu_build.load_error()}")
+        return Backend("cpu", cpu.BatchInvariantCpuOps(), compilable=False, batch_invariant=True)
+    if name == "triton":
+        from lamina.kernels import triton_ops
+        return Backend("triton", triton_ops.BatchInvariantOps(), compilable=False, batch_invariant=True)
+    if name == "torch":
+        raise ValueError("the torch attention backend has no batch-invariant mode (torch's attention splits its "
+                         "work by query length); use the cpu or triton backend")
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

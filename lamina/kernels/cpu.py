@@ -2,7 +2,8 @@
 
 Paged decode attention and (bf16) prefill attention read the KV cache in place, where the torch path
 gathers a padded copy first; SwiGLU and residual-add RMSNorm run in C++ for eager bf16 steps. The
-kernels are built and loaded by cpu_build.py.
+kernels are built and loaded by cpu_build.py. `BatchInvariantCpuOps` are the ops of batch-invariant
+mode: one C++ kernel per op for every step.
 """
 from __future__ import annotations
 
@@ -62,3 +63,34 @@ class CpuOps:
         if impl == "lamina":
             return paged_attention(q, k_cache, v_cache, md, scale)
         return reference.paged_attention(q, k_cache, v_cache, md, scale)
+
+
+class BatchInvariantCpuOps:
+    """The cpu backend's ops in batch-invariant mode: each op runs one of lamina's C++ kernels at every
+    batch size, whose sums for a row run in an order fixed by that row alone (bf16 q and cache).
+
+    Attention is always the prefill kernel, decode rows included: it reduces each query row over
+    chunks of 64 keys counted from the sequence's first key, with an online softmax in that order,
+    whatever rows share its tile. So a token gives the same bits in a decode step, in a prompt
+    chunked anywhere, or beside any other sequences; the decode kernel's one-pass softmax rounds
+    differently, and the reference's SDPA splits its work by query length. RMSNorm and SwiGLU are the
+    C++ row loops (torch's reductions may split a long batch's rows across threads; its vectorized
+    exp differs from the scalar one its loop tails take). RoPE and the cache write are the
+    reference's: multiplies, adds and copies, exact per element."""
+    store_kv_cache = staticmethod(store_kv_cache)
+    rotary_embedding = staticmethod(rotary_embedding)
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+        if residual is None:
+            return torch.ops.lamina.rms_norm(x, weight, eps)
+        return torch.ops.lamina.add_rms_norm(x, residual, weight, eps)
+
+    @staticmethod
+    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lamina.silu_and_mul(x)
+
+    @staticmethod
+    def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md, scale: float):
+        return torch.ops.lamina.paged_prefill_attention(q, k_cache, v_cache, md.block_tables, md.query_start_loc,
+                                                        md.seq_lens, scale)

@@ -25,6 +25,7 @@ The ops, registered in torch.ops.lamina:
                                             q [T, Hq, D] bf16, caches bf16, D 64 or 128 (causal)
     silu_and_mul(x)                         x [T, 2I] bf16 -> silu(x[:, :I]) * x[:, I:]
     add_rms_norm(x, residual, weight, eps)  bf16 -> (RMSNorm(x + residual) * weight, x + residual)
+    rms_norm(x, weight, eps)                bf16 -> RMSNorm(x) * weight
 """
 from __future__ import annotations
 
@@ -222,6 +223,7 @@ def _register_shapes(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::paged_prefill_attention")(lambda q, *rest: torch.empty_like(q))
     torch.library.register_fake(f"{namespace}::silu_and_mul")(lambda x: x.new_empty(x.shape[0], x.shape[1] // 2))
     torch.library.register_fake(f"{namespace}::add_rms_norm")(lambda x, *rest: (torch.empty_like(x), torch.empty_like(x)))
+    torch.library.register_fake(f"{namespace}::rms_norm")(lambda x, *rest: torch.empty_like(x))
 
 
 def load(namespace: str = "lamina", march: str = "native") -> bool:

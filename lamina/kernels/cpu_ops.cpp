@@ -755,14 +755,48 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
-// RMSNorm of bf16 rows after the residual add, as the reference rounds it: x + residual in bf16
-// (the new residual stream), the norm in float32, rounded to bf16, times the bf16 weight.
+// RMSNorm of one bf16 row h [H] (the norm in float32, rounded to bf16, times the bf16 weight), as
+// the reference rounds it. The sum of squares runs in the same order for every row, whichever rows
+// share the call (batch-invariant mode relies on it).
+void rms_norm_row(const uint16_t* h, const uint16_t* wp, uint16_t* orow, int64_t H, double eps) {
+  float ss = 0.f;
+  int64_t i = 0;
+#ifdef LAMINA_AVX512
+  __m512 vss = _mm512_setzero_ps();
+  for (; i + 16 <= H; i += 16) {
+    const __m512 v = bf16x16_load(h + i);
+    vss = _mm512_fmadd_ps(v, v, vss);
+  }
+  ss = _mm512_reduce_add_ps(vss);
+#endif
+  for (; i < H; i++) ss += bf16_to_float(h[i]) * bf16_to_float(h[i]);
+  const float inv = 1.f / std::sqrt(ss / float(H) + float(eps));
+  i = 0;
+#ifdef LAMINA_AVX512
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; i + 16 <= H; i += 16) {
+    uint16_t normed[16];
+    bf16x16_store(normed, _mm512_mul_ps(bf16x16_load(h + i), vinv));
+    bf16x16_store(orow + i, _mm512_mul_ps(bf16x16_load(wp + i), bf16x16_load(normed)));
+  }
+#endif
+  for (; i < H; i++)
+    orow[i] = float_to_bf16(bf16_to_float(wp[i]) * bf16_to_float(float_to_bf16(bf16_to_float(h[i]) * inv)));
+}
+
+void check_norm_args(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16
+              && weight.dim() == 1 && weight.size(0) == x.size(1),
+              "x must be bfloat16 [T, H], weight bfloat16 [H]");
+}
+
+// RMSNorm of bf16 rows after the residual add: x + residual in bf16 (the new residual stream), then
+// rms_norm_row of it.
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
                                                 const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && residual.sizes() == x.sizes()
-              && residual.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16
-              && weight.dim() == 1 && weight.size(0) == x.size(1),
-              "x, residual must be bfloat16 [T, H] (residual must be bfloat16 shaped like x), weight bfloat16 [H]");
+  check_norm_args(x, weight);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == at::kBFloat16,
+              "residual must be bfloat16 shaped like x");
   const int64_t T = x.size(0), H = x.size(1);
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), wc = weight.contiguous();
   at::Tensor out = at::empty({T, H}, x.options()), sum = at::empty({T, H}, x.options());
@@ -774,37 +808,31 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
       const uint16_t *xr = xp + t * H, *rr = rp + t * H;
-      uint16_t *sr = sp + t * H, *orow = op + t * H;
-      float ss = 0.f;
+      uint16_t* sr = sp + t * H;
       int64_t i = 0;
 #ifdef LAMINA_AVX512
-      __m512 vss = _mm512_setzero_ps();
-      for (; i + 16 <= H; i += 16) {
-        bf16x16_store(sr + i, _mm512_add_ps(bf16x16_load(xr + i), bf16x16_load(rr + i)));
-        const __m512 h = bf16x16_load(sr + i);
-        vss = _mm512_fmadd_ps(h, h, vss);
-      }
-      ss = _mm512_reduce_add_ps(vss);
+      for (; i + 16 <= H; i += 16) bf16x16_store(sr + i, _mm512_add_ps(bf16x16_load(xr + i), bf16x16_load(rr + i)));
 #endif
-      for (; i < H; i++) {
-        sr[i] = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(rr[i]));
-        ss += bf16_to_float(sr[i]) * bf16_to_float(sr[i]);
-      }
-      const float inv = 1.f / std::sqrt(ss / float(H) + float(eps));
-      i = 0;
-#ifdef LAMINA_AVX512
-      const __m512 vinv = _mm512_set1_ps(inv);
-      for (; i + 16 <= H; i += 16) {
-        uint16_t normed[16];
-        bf16x16_store(normed, _mm512_mul_ps(bf16x16_load(sr + i), vinv));
-        bf16x16_store(orow + i, _mm512_mul_ps(bf16x16_load(wp + i), bf16x16_load(normed)));
-      }
-#endif
-      for (; i < H; i++)
-        orow[i] = float_to_bf16(bf16_to_float(wp[i]) * bf16_to_float(float_to_bf16(bf16_to_float(sr[i]) * inv)));
+      for (; i < H; i++) sr[i] = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(rr[i]));
+      rms_norm_row(sr, wp, op + t * H, H, eps);
     }
   });
   return {out, sum};
+}
+
+// RMSNorm of bf16 rows with no residual to add (a model's first norm)
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm_args(x, weight);
+  const int64_t T = x.size(0), H = x.size(1);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty({T, H}, x.options());
+  auto xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  auto wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
+  auto op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) rms_norm_row(xp + t * H, wp, op + t * H, H, eps);
+  });
+  return out;
 }
 
 }  // namespace
@@ -817,11 +845,13 @@ LAMINA_DEFINE_LIBRARY(LAMINA_NAMESPACE, m) {
   m.def("bf16_packed_swiglu(Tensor x, Tensor packed) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.impl("bf16_packed_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_packed_linear));
   m.impl("paged_prefill_attention", c10::DispatchKey::CPU, TORCH_FN(paged_prefill_attention));
   m.impl("bf16_packed_swiglu", c10::DispatchKey::CPU, TORCH_FN(bf16_packed_swiglu));
   m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));
   m.impl("add_rms_norm", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm));
+  m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
 }

@@ -22,6 +22,10 @@ kept more than BUSY_FRACTION of the CPUs busy serve that run only and are not ca
 
     LAMINA_DISPATCH   op=impl or op.class=impl, comma-separated (bf16_linear.prefill=torch,attention=torch)
     LAMINA_AUTOTUNE   0: measure nothing, take lamina's kernels where they load (the defaults below)
+
+In batch-invariant mode nothing is measured: every op runs the one implementation in
+BATCH_INVARIANT at every row count (`batch_invariant_plan`), and an override naming another is an
+error.
 """
 from __future__ import annotations
 
@@ -53,6 +57,13 @@ DEFAULTS = {"int8_linear": {"prefill": "dequant"}, "int4_linear": {"prefill": "d
 # Without lamina's kernel: torch's int8 GEMV for decode rows, dequantize + matmul above
 FALLBACKS = {"bf16_linear": "torch", "bf16_swiglu": "torch", "int8_linear": "dequant", "int4_linear": "dequant",
              "attention": "torch"}
+# The implementation of each op whose arithmetic for one row never depends on the other rows of the
+# call: lamina's GEMMs accumulate each output over all of K in order, in one register lane, whatever
+# the tile of rows it sits in; its attention (the prefill kernel, decode rows included) reduces
+# over fixed chunks of keys from the first. torch's matmul (oneDNN) chooses its blocking, and so
+# its order of sums, by the shape; its attention splits by query length: neither is one of them.
+BATCH_INVARIANT = {"bf16_linear": "lamina", "bf16_swiglu": "lamina", "int8_linear": "lamina",
+                   "int4_linear": "lamina", "attention": "lamina"}
 MARGIN = 0.05
 # Timings taken while other processes used more of the CPUs than this are not cached
 BUSY_FRACTION = 0.15
@@ -103,12 +114,15 @@ class KernelPlan:
     attention: AttentionPlan = AttentionPlan()
     source: str = "defaults"          # measured | cached | defaults, and why
     overrides: tuple[str, ...] = field(default=())
+    batch_invariant: bool = False     # every op at every row count by BATCH_INVARIANT's implementation
 
     def linear(self, op: str, n: int, k: int, available: tuple[str, ...]) -> RowPlan:
         """The plan for one layer; a shape not planned (a layer added after) takes the defaults."""
         for key, plan in self.linears:
             if key == (op, n, k):
                 return plan
+        if self.batch_invariant:
+            return batch_invariant_plan(op, available, self.overrides)
         return apply_overrides(op, default_plan(op, available), self.overrides)
 
     def row_boundaries(self) -> tuple[int, ...]:
@@ -142,6 +156,22 @@ def default_plan(op: str, available: tuple[str, ...]) -> RowPlan:
             return "torch"
         return FALLBACKS[op] if FALLBACKS[op] in available else available[0]
     return RowPlan(*(choose(c) for c in ROW_CLASSES))
+
+
+def batch_invariant_plan(op: str, available: tuple[str, ...], overrides: tuple[str, ...] = (), what: str = ""):
+    """BATCH_INVARIANT's implementation of `op` at every row count (a RowPlan; an AttentionPlan for
+    attention). Raises ValueError where it cannot serve (`what`: the shape, for the message), or
+    where $LAMINA_DISPATCH asks for another."""
+    impl = BATCH_INVARIANT[op]
+    if impl not in available:
+        raise ValueError(f"batch-invariant mode runs {what or op} with {impl}'s kernel, which cannot serve it here "
+                         f"(only {', '.join(available)} can)")
+    plan = AttentionPlan(impl, impl) if op == "attention" else RowPlan(impl, impl, impl)
+    forced = apply_overrides(op, plan, overrides)
+    if forced != plan:
+        raise ValueError(f"LAMINA_DISPATCH asks for {op} {forced}, but batch-invariant mode needs {impl} at every "
+                         f"size (the others' sums depend on the batch); drop the override or the mode")
+    return plan
 
 
 def choose(timings: dict[str, float], default: str) -> str:

@@ -6,6 +6,8 @@
     rms_norm          fused (residual add +) RMSNorm, in float32 like the reference
     rotary_embedding  rotate-half RoPE, rounding like the reference so results match bit for bit
 (and `silu_and_mul`, torch's own: two elementwise ops a compiled step fuses anyway)
+`BatchInvariantOps` are the same ops for batch-invariant mode: attention takes one kernel, with
+fixed tiles, for every step.
 
 Every op reads its operands through strides, so views such as the q/k/v slices of a fused qkv
 projection need no copy. No op syncs with the host: grid sizes come from the python ints in
@@ -353,12 +355,18 @@ def _decode_split_size(num_seqs: int, num_kv_heads: int, max_seq_len: int, devic
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     md: AttentionMetadata, scale: float, *, split_size: int | None = None,
-                    block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                    block_m: int | None = None, block_n: int | None = None,
+                    batch_invariant: bool = False) -> torch.Tensor:
     """q [T, Hq, D] attends causally over its own sequence's cached K/V; returns [T, Hq, D].
 
     Keyword-only tuning knobs (the defaults suit a GPU; tests shrink them to cross tile and split
     boundaries on tiny inputs): `split_size` = decode keys per split (a multiple of the key tile),
-    `block_m` = query rows per prefill tile, `block_n` = keys per tile."""
+    `block_m` = query rows per prefill tile, `block_n` = keys per tile.
+
+    batch_invariant: every step, pure decode included, runs the prefill kernel, whose tiles depend
+    on the model's shapes alone: each query row reduces over key tiles of `block_n` counted from
+    the sequence's first key, in order, whichever rows share its tile. Decode's split-K, whose
+    split size follows the batch, is never used."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
@@ -381,7 +389,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                      v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
     tables = md.block_tables
 
-    if md.max_query_len > 1:
+    if md.max_query_len > 1 or batch_invariant:
         if block_m is None:
             block_m = 64
         block_m = _pow2(max(block_m, group), 16)  # tl.dot wants 16 rows or more
@@ -553,3 +561,18 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
             BLOCK_HK=_pow2(num_k_heads), BLOCK_HALF=_pow2(rot_dim // 2),
             BLOCK_TAIL=_pow2(tail) if tail else 0)
     return q_out, k_out
+
+
+class BatchInvariantOps:
+    """The ops of batch-invariant mode. Attention runs `paged_attention(..., batch_invariant=True)`;
+    RMSNorm and RoPE are already one program per row (token), reducing in an order fixed by the
+    row's width; the cache write copies."""
+    store_kv_cache = staticmethod(store_kv_cache)
+    rms_norm = staticmethod(rms_norm)
+    rotary_embedding = staticmethod(rotary_embedding)
+    silu_and_mul = staticmethod(silu_and_mul)
+
+    @staticmethod
+    def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        md: AttentionMetadata, scale: float) -> torch.Tensor:
+        return paged_attention(q, k_cache, v_cache, md, scale, batch_invariant=True)

@@ -24,6 +24,10 @@ def _check(ops):
         ref_out, ref_residual = reference.rms_norm(xr, w, 1e-5, res)
         assert torch.equal(new_residual, ref_residual)
         torch.testing.assert_close(out, ref_out, rtol=2 ** -6, atol=0)  # a step of normed, times w
+        # the norm without a residual is the same row loop
+        assert torch.equal(ops.rms_norm(new_residual, w, 1e-5), out)
+        # and each row's bits are its own, whatever rows share the call
+        assert all(torch.equal(ops.rms_norm(new_residual[i:i + 1], w, 1e-5), out[i:i + 1]) for i in range(rows))
 
 
 def test_ops_match_reference_bit_for_bit():
