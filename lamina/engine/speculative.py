@@ -5,11 +5,9 @@ on these machines is bound by reading the weights, not by the few extra query ro
 
 Drafts come from the sequence's own text (n-gram prompt lookup: the tokens that followed the last
 time its latest n tokens occurred), or from a smaller model with the same tokenizer decoding
-greedily (draft_model.py; the target's own int4 copy serves). Verification keeps the model's distribution exact: greedy rows
-keep a draft token only where it is the argmax; sampled rows accept draft token d with probability
-p(d) and, on a rejection, sample from p with d taken out (the rejection sampling of Leviathan et
-al. and Chen et al. for a draft that puts all its mass on one token). So the tokens follow the same
-distribution as plain decoding, with every sampling setting applied to p.
+greedily (draft_model.py; the target's own int4 copy serves). Verification keeps the model's
+distribution exact: each position draws the token plain decoding would draw (the argmax for greedy
+rows), and a draft token is kept while it equals that draw (see verify).
 """
 from __future__ import annotations
 
@@ -115,28 +113,24 @@ def verify(probs: torch.Tensor, greedy: bool, draft: list[int], generator: torch
     """The tokens to keep from one sequence's verification: `probs` [k+1, V] is the target's
     distribution (after every sampling setting) at the k draft positions and the one after them.
     Returns the accepted drafts followed by one token of the target's own (the correction at the
-    first rejection, else the bonus token)."""
+    first rejection, else the bonus token).
+
+    Each position draws the token plain decoding would draw there, from the same noise in the same
+    order (the sampler's argmax of p / E, E exponential); a draft token is kept while it equals that
+    draw. So a kept run is exactly what plain decoding samples, bit for bit with a per-request seed,
+    and a draft token d is kept with probability p(d), as Leviathan et al.'s rejection rule keeps a
+    draft that puts all its mass on one token."""
     k = len(draft)
     if greedy:
         best = probs.argmax(dim=-1).tolist()
-        out = []
-        for i in range(k):
-            if draft[i] != best[i]:
-                return out + [best[i]]
-            out.append(draft[i])
-        return out + [best[k]]
-    rows = torch.arange(k)
-    p_draft = probs[rows, torch.tensor(draft, dtype=torch.long)].tolist() if k else []
-    u = torch.rand(k, generator=generator).tolist() if k else []
-    for i in range(k):
-        if u[i] >= p_draft[i]:   # rejected: sample from p without the draft token
-            residual = probs[i].clone()
-            residual[draft[i]] = 0
-            total = residual.sum()
-            if total > 0:   # (zero only when rounding let u reach a probability of one: a keep)
-                return list(draft[:i]) + [_sample(residual / total, generator)]
-    return list(draft) + [_sample(probs[k], generator)]
-
-
-def _sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(p, 1, generator=generator))
+    out = []
+    for i in range(k + 1):
+        if greedy:
+            token = best[i]
+        else:
+            noise = torch.empty(probs.shape[1]).exponential_(generator=generator)
+            token = int((probs[i] / noise).argmax())
+        if i == k or token != draft[i]:
+            return out + [token]
+        out.append(token)
+    return out

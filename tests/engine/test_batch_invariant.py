@@ -151,6 +151,23 @@ def test_prefill_chunked_at_64_equals_whole(setup):
     assert [result(o) for o in chunked] == [result(o) for o in whole]
 
 
+def test_speculative_decoding_changes_no_bit(setup):
+    """n-gram drafts verified in a query of k+1 tokens give the bits of plain decoding: greedy and
+    seeded, beside other requests. Each prompt is a text, the model's greedy continuation of it and
+    the text again, so the n-gram lookup finds drafts the model may keep."""
+    texts = setup.prompts(4, seed=4)
+    continued = run(setup.engine(), texts, dataclasses.replace(setup.greedy, max_tokens=10, logprobs=None))
+    prompts = [t + o.outputs[0].token_ids + t for t, o in zip(texts, continued)]
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    for params in (setup.greedy, setup.seeded):
+        params = dataclasses.replace(params, max_tokens=2 * params.max_tokens)
+        plain = run(setup.engine(), prompts, params)
+        engine = setup.engine(speculative_config=spec)
+        drafted = run(engine, prompts, params)
+        assert engine.stats.spec_num_draft_tokens_total > 0
+        assert [result(o) for o in drafted] == [result(o) for o in plain]
+
+
 # -- switching it on, and what it refuses ----------------------------------------------------------
 
 BI_MODEL = ModelConfig(**{**TINY, "vocab_size": TINY_VOCAB, "hidden_size": 128, "num_attention_heads": 2,
