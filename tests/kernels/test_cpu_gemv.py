@@ -156,11 +156,12 @@ def test_swiglu_module_and_use_cpu_gemm():
     """use_cpu_gemm gives an MLP's gate_up_proj the fused module (and only where its channels come in
     whole strips of 32); MLP.forward then skips its own SwiGLU, with the same result."""
     from types import SimpleNamespace
+    from lamina.distributed.sharding import Shard
     from lamina.kernels.cpu import CpuOps
     from lamina.models.llama import MLP
     torch.manual_seed(3)
     cfg = SimpleNamespace(hidden_size=64, intermediate_size=96)
-    mlp = MLP(cfg, CpuOps()).to(torch.bfloat16)
+    mlp = MLP(cfg, CpuOps(), Shard()).to(torch.bfloat16)
     x = torch.randn(2, 7, 64).to(torch.bfloat16)
     with torch.no_grad():
         before = mlp(x)
