@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +41,7 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     aborted: bool = False
-    grammar: object = None     # a Future of its CompiledGrammar, until its sequences have their states
+    grammar: Future | None = None   # its CompiledGrammar, until its sequences have their states
 
     @property
     def finished(self) -> bool:
