@@ -408,10 +408,9 @@ class LLMEngine:
         outputs = seq.output_token_ids
         history = [outputs + draft[:i] for i in range(len(draft) + 1)]
         banned = [[] if len(h) >= p.min_tokens else self._banned(seq) for h in history]
-        penalized = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
-        sb = sampler.SamplingBatch.build([p] * len(history), [seq.token_ids[:seq.num_prompt_tokens] if penalized
+        sb = sampler.SamplingBatch.build([p] * len(history), [seq.token_ids[:seq.num_prompt_tokens] if p.penalized
                                                                else []] * len(history),
-                                         history if penalized else [[]] * len(history), banned,
+                                         history if p.penalized else [[]] * len(history), banned,
                                          [None] * len(history))
         processed = sampler.processed_logits(rows, sb)
         probs = processed if p.greedy else sampler.probabilities(processed, sb)
@@ -466,7 +465,7 @@ class LLMEngine:
 
     def _sample(self, sample_seqs, params, banned, logits, allowed):
         # token histories only feed the penalties: skip copying them on every step when none is set
-        penalized = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params)
+        penalized = any(p.penalized for p in params)
         prompts = [s.token_ids[:s.num_prompt_tokens] if penalized else [] for s in sample_seqs]
         outputs_so_far = [s.output_token_ids if penalized else [] for s in sample_seqs]
         sb = sampler.SamplingBatch.build(params, prompts, outputs_so_far, banned, [s.generator for s in sample_seqs],
