@@ -1,30 +1,30 @@
 #!/usr/bin/env python3
 """What speculative decoding buys on one stream: lamina plain, with n-gram drafts, and with its own
 int4 copy as the draft model, on copy-heavy chats (repeat or edit a given text or code) and on
-ordinary chats, the three engines in this process, requests interleaved round by round.
+ordinary chats, the three engines in this process, requests interleaved prompt by prompt.
 
     python bench/speculative.py                  # 3 rounds, k = 4
     python bench/speculative.py --rounds 5 --k 6 --max-tokens 256
 
 Each engine is the README's default (compiled CPU steps, awaited before timing). A request is one
-greedy chat of up to --max-tokens tokens; its speed is output tokens over its wall time; a
-workload's number is the median over its prompts and the rounds, and the ratio is taken per round.
-The engines give the same tokens up to the numerics of a verify step (noted where not), so a ratio
-is speed alone.
+greedy chat of up to --max-tokens tokens. Each prompt is run by the three engines back to back, the
+order rotating from prompt to prompt, so a ratio compares runs seconds apart. A workload's speed in
+a round is its output tokens over its wall time (prefill included); its number is the median over
+rounds, and each ratio is taken per round. The engines give the same tokens up to the numerics of a
+verify step (noted where not), so a ratio is speed alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import OUT_DIR, fmt_spread, interleave, log, round_ratios, spread  # noqa: E402
+from common import OUT_DIR, fmt_spread, log, round_ratios, spread  # noqa: E402
 
 PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, "
              "polished the great lens until it shone, and wound the clockwork that turned the light. Ships "
@@ -70,30 +70,37 @@ def main() -> int:
         llm.wait_until_compiled()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     workloads = {"copy": COPY, "ordinary": ORDINARY}
-    tokens: dict[tuple, list[int]] = {}
+    tokens: dict[str, list[int]] = {}   # this prompt's, by engine
     common.wait_for_idle("the speculative-decoding bench")
 
-    def measure(name, r):
-        llm = engines[name]
-        out = {}
+    # Each prompt is run by every engine back to back, the order rotating from prompt to prompt, so
+    # the host's drift (up to 2x within minutes here) falls on all engines alike.
+    names = list(engines)
+    runs = {(n, w, r): [0, 0.0, 0, 0] for n in names for w in workloads for r in range(args.rounds)}
+    turn = 0
+    for r in range(args.rounds):
         for workload, prompts in workloads.items():
-            speeds, drafted, accepted = [], 0, 0
             for prompt in prompts:
-                t = time.perf_counter()
-                res = llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)[0]
-                dt = time.perf_counter() - t
-                speeds.append(len(res.token_ids) / dt)
-                drafted += res.metrics.spec_drafted
-                accepted += res.metrics.spec_accepted
-                seen = tokens.setdefault((workload, prompt), res.token_ids)
-                if seen != res.token_ids:
-                    log(f"note: {name} gave other tokens for a {workload} prompt (numerics of a verify step)")
-            out[workload] = {"tok_per_s": statistics.median(speeds), "drafted": drafted, "accepted": accepted}
-            log(f"round {r} {name} {workload}: {out[workload]['tok_per_s']:.1f} tok/s"
-                + (f", accepted {accepted}/{drafted}" if drafted else ""))
-        return out
-
-    rounds = interleave(list(engines), args.rounds, measure)
+                k = turn % len(names)
+                turn += 1
+                for name in names[k:] + names[:k]:
+                    t = time.perf_counter()
+                    res = engines[name].chat([{"role": "user", "content": prompt}], params, use_tqdm=False)[0]
+                    run = runs[name, workload, r]   # tokens, seconds, drafted, accepted
+                    run[0] += len(res.token_ids)
+                    run[1] += time.perf_counter() - t
+                    run[2] += res.metrics.spec_drafted
+                    run[3] += res.metrics.spec_accepted
+                    tokens[name] = res.token_ids
+                for name in names[1:]:
+                    if tokens[name] != tokens[names[0]]:
+                        log(f"note: {name} gave other tokens than {names[0]} for a {workload} prompt "
+                            f"(the numerics of a verify step)")
+            log(f"round {r} {workload}: " + ", ".join(
+                f"{n} {runs[n, workload, r][0] / runs[n, workload, r][1]:.1f} tok/s" for n in names))
+    rounds = {n: [{w: {"tok_per_s": runs[n, w, r][0] / runs[n, w, r][1], "drafted": runs[n, w, r][2],
+                       "accepted": runs[n, w, r][3]} for w in workloads} for r in range(args.rounds)]
+              for n in names}
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     result = {"cpu": cpu, "threads": os.cpu_count(), "k": args.k, "max_tokens": args.max_tokens, "workloads": {}}
     for workload in workloads:

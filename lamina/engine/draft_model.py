@@ -1,11 +1,18 @@
-"""Drafts from a second model: a smaller one with the same tokenizer, or the target's own int8/int4
-copy. It has its own ModelRunner and paged KV cache, and a shadow Sequence per target sequence
-that follows the target's committed tokens.
+"""Drafts from a second model: the target's own weights (exact, or its int8/int4 copy), or a
+smaller model with the same tokenizer. Drafts are greedy (the draft's argmax), which verification
+treats as a draft distribution with all its mass on one token.
 
-Each step, for the sequences that draft: one forward pass catches the draft model up on the tokens
-the target committed since the last step (its whole prompt the first time) and gives the first
-draft token; k-1 decode steps give the rest. Drafts are greedy (the draft's argmax), which
-verification treats as a draft distribution with all its mass on one token.
+A self-draft has the target's layers and heads, so it drafts over the target's own paged KV cache:
+its first step feeds the sequence's last token (whose K/V the target has not computed yet), each
+further step the draft before, at the next positions of the sequence's own block table. The
+verification step then writes the target's K/V over every one of those slots before it reads them,
+so the target never sees a draft model's K/V; and the draft reads the target's K/V of everything
+already committed, so it never computes a prompt or catches up on accepted tokens.
+
+Any other draft model has its own runner and paged KV cache, and a shadow Sequence per target
+sequence that follows the target's committed tokens. Each step, one forward pass catches it up on
+the tokens the target committed since the last step (its whole prompt the first time) and gives the
+first draft token; k-1 decode steps give the rest.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import numpy as np
 
 from lamina.config import EngineConfig, ModelConfig
 from lamina.engine.kv_cache import BlockManager
+from lamina.engine.model_runner import ModelRunner
 from lamina.engine.resolve import COMPILED, ResolvedConfig, resolve
 from lamina.engine.scheduler import ScheduledBatch
 from lamina.engine.sequence import Sequence
@@ -29,8 +37,8 @@ DRAFT_CACHE_SHARE = 4
 
 
 class DraftModel:
-    def __init__(self, spec: SpeculativeConfig, target: ResolvedConfig, target_vocab: dict, num_target_blocks: int):
-        from lamina.engine.model_runner import ModelRunner
+    def __init__(self, spec: SpeculativeConfig, target: ResolvedConfig, target_vocab: dict,
+                 target_runner: ModelRunner, target_blocks: BlockManager):
         from lamina.tokenizer import Tokenizer
         name = spec.model or target.model_dir
         if os.path.isdir(name):
@@ -41,20 +49,33 @@ class DraftModel:
         if Tokenizer(model_dir).vocab() != target_vocab:
             raise ValueError(f"the draft model {name!r} has another tokenizer than the target: its tokens would "
                              f"mean other text")
-        min_blocks = -(-(target.max_model_len + spec.num_speculative_tokens) // target.block_size)
+        # the target's own weights draft over its cache, unless that cache is split across ranks
+        self.shares_cache = (os.path.realpath(model_dir) == os.path.realpath(target.model_dir)
+                             and target_runner.parallel is None)
+        if self.shares_cache:
+            num_blocks = target_runner.num_blocks
+        else:
+            min_blocks = -(-(target.max_model_len + spec.num_speculative_tokens) // target.block_size)
+            num_blocks = max(target_runner.num_blocks // DRAFT_CACHE_SHARE, min_blocks)
         config = EngineConfig(
             model=model_dir, dtype=str(target.dtype).removeprefix("torch."), device=str(target.device),
+            kv_cache_dtype=str(target.kv_cache_dtype).removeprefix("torch.") if self.shares_cache else "auto",
             quantization=spec.quantization, max_model_len=target.max_model_len, block_size=target.block_size,
             max_num_seqs=target.max_num_seqs, max_num_batched_tokens=target.max_num_batched_tokens,
-            num_kv_blocks=max(num_target_blocks // DRAFT_CACHE_SHARE, min_blocks), enable_prefix_caching=False,
+            num_kv_blocks=num_blocks, enable_prefix_caching=False,
             attention_backend=target.backend.name, enforce_eager=target.execution != COMPILED,
             num_threads=target.num_threads)
         self.config = resolve(config, model_dir, ModelConfig.from_dir(model_dir))
-        self.runner = ModelRunner(self.config)
-        self.blocks = BlockManager(self.runner.num_blocks, target.block_size, enable_prefix_caching=False)
+        if self.shares_cache:
+            self.runner = ModelRunner(self.config, kv_caches=(target_runner.k_caches, target_runner.v_caches))
+            self.blocks = target_blocks
+        else:
+            self.runner = ModelRunner(self.config)
+            self.blocks = BlockManager(self.runner.num_blocks, target.block_size, enable_prefix_caching=False)
         self.shadows: dict[int, Sequence] = {}       # target seq_id -> the draft model's view of it
         self._params = SamplingParams(max_tokens=None)
-        log.info("draft model %s: %s", name, self.config.summary())
+        log.info("draft model %s (%s): %s", name, "in the target's KV cache" if self.shares_cache else "its own KV cache",
+                 self.config.summary())
 
     def wait_until_compiled(self, timeout: float | None = None) -> bool:
         compiled = self.runner.compiled
@@ -62,6 +83,8 @@ class DraftModel:
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
         """Set seq.draft for each sequence (up to its k tokens; none where the draft's cache is full)."""
+        if self.shares_cache:
+            return self._propose_in_place(seqs, ks)
         targets, shadows, counts, wants = [], [], [], []
         for seq, k in zip(seqs, ks):
             shadow = self._shadow(seq)
@@ -93,6 +116,20 @@ class DraftModel:
         for seq, draft in zip(targets, drafts):
             seq.draft = draft
 
+    def _propose_in_place(self, seqs: list[Sequence], ks: list[int]) -> None:
+        rows = []
+        for seq, k in zip(seqs, ks):
+            # the blocks the verification step needs too, so a draft is never made to be dropped
+            if len(seq) - seq.num_computed_tokens != 1 or not self.blocks.can_grow(seq, 1 + k):
+                continue
+            self.blocks.grow(seq, k)
+            seq.draft = []
+            rows.append(_InPlaceRow(seq, k))
+        while rows:
+            for row, token in zip(rows, self._forward(ScheduledBatch(rows, [1] * len(rows)))):
+                row.seq.draft.append(token)
+            rows = [row for row in rows if len(row.seq.draft) < row.k]
+
     def _shadow(self, seq: Sequence) -> Sequence:
         """The draft model's sequence for seq, with seq's committed tokens and a cache valid for as
         many of them as it computed the same way (its last drafts may have been rejected since)."""
@@ -121,3 +158,19 @@ class DraftModel:
         shadow = self.shadows.pop(seq.seq_id, None)
         if shadow is not None:
             self.blocks.release(shadow)
+
+
+class _InPlaceRow:
+    """A sequence drafting in the target's cache, as the runner's prepare() reads it: one new token
+    (its last committed one, then each draft) at the next position of its own block table."""
+
+    def __init__(self, seq: Sequence, k: int):
+        self.seq, self.k = seq, k
+        self.block_table = seq.block_table
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return self.seq.num_computed_tokens + len(self.seq.draft)
+
+    def step_token_ids(self, start: int, n: int) -> list[int]:
+        return [(self.seq.draft or self.seq.token_ids)[-1]]

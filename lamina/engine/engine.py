@@ -100,7 +100,7 @@ class LLMEngine:
         if self.config.speculative is not None and self.config.speculative.method == "draft_model":
             from lamina.engine.draft_model import DraftModel
             self.drafter = DraftModel(self.config.speculative, self.config, self.tokenizer.vocab(),
-                                      self.runner.num_blocks)
+                                      self.runner, self.block_manager)
         self.requests: dict[str, Request] = {}
         width = self.model_config.vocab_size
         self.grammars = GrammarCompiler(self.tokenizer.to_json(), width, list(self.eos_token_ids))

@@ -45,7 +45,8 @@ def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 
 class ModelRunner:
     def __init__(self, config: ResolvedConfig, parallel: ParallelContext | None = None,
-                 send_steps: StepChannel | None = None):
+                 send_steps: StepChannel | None = None,
+                 kv_caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None):
         self.config = config
         self.device = config.device
         self.parallel = parallel
@@ -64,8 +65,17 @@ class ModelRunner:
         self.scratch_block = self.num_blocks
         cfg = self.model.config
         shape = (self.num_blocks + 1, self.block_size, self.model.num_kv_heads, cfg.head_dim)
-        self.k_caches = [zeroed_cache(shape, self.kv_dtype, self.device) for _ in range(cfg.num_hidden_layers)]
-        self.v_caches = [zeroed_cache(shape, self.kv_dtype, self.device) for _ in range(cfg.num_hidden_layers)]
+        if kv_caches is None:
+            self.k_caches = [zeroed_cache(shape, self.kv_dtype, self.device) for _ in range(cfg.num_hidden_layers)]
+            self.v_caches = [zeroed_cache(shape, self.kv_dtype, self.device) for _ in range(cfg.num_hidden_layers)]
+        else:
+            # another runner's cache, which this model reads and writes in its place (a self-draft:
+            # the same layers and heads over the same blocks)
+            self.k_caches, self.v_caches = kv_caches
+            layout = [(tuple(c.shape), c.dtype) for c in self.k_caches + self.v_caches]
+            if layout != [(shape, self.kv_dtype)] * (2 * cfg.num_hidden_layers):
+                raise ValueError(f"a shared KV cache must be {cfg.num_hidden_layers} layers of {shape} "
+                                 f"{self.kv_dtype}; got {layout[:1]} x {len(layout) // 2}")
         self.model.bind_kv_caches(self.k_caches, self.v_caches)
         # execution strategies, fastest first; a batch none of them fits runs eagerly
         self.compiled: CompiledSteps | None = None

@@ -227,6 +227,29 @@ def test_draft_model_greedy_equals_plain(tiny_model_dir, quantization):
         assert stats.spec_num_accepted_tokens_total == stats.spec_num_draft_tokens_total > 100
     else:
         assert stats.spec_num_accepted_tokens_total > 0.5 * stats.spec_num_draft_tokens_total
+    # the model's own weights draft in its cache: no cache, shadow or prompt computation of their own
+    assert engine.drafter.shares_cache and engine.drafter.blocks is engine.block_manager
+    assert engine.drafter.runner.k_caches is engine.runner.k_caches and not engine.drafter.shadows
+    engine.block_manager.check_invariants()
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_a_smaller_draft_model_in_its_own_cache(tiny_model_dir, tmp_path):
+    """Another model with the same tokenizer (one layer, other heads, other weights) drafts in a
+    cache of its own, catching up on what the target committed: plain decoding's tokens, with the
+    target preempting, and every block of the draft's cache back in its pool at the end."""
+    from tests.utils import save_tiny_hf_model
+    save_tiny_hf_model(tmp_path, seed=1, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       max_position_embeddings=512)
+    prompts = _looping_prompts(4, seed=9)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = run(make_engine(tiny_model_dir), prompts, params)
+    engine = make_engine(tiny_model_dir, speculative_config=_draft(model=str(tmp_path)), num_kv_blocks=16,
+                         max_num_batched_tokens=32)
+    assert not engine.drafter.shares_cache and engine.drafter.blocks is not engine.block_manager
+    outs = run(engine, prompts, params, stagger=1)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    assert engine.stats.num_preemptions_total > 0 and engine.stats.spec_num_draft_tokens_total > 0
     engine.drafter.blocks.check_invariants()
     assert engine.drafter.blocks.num_used_blocks == 0 and not engine.drafter.shadows
 
