@@ -119,7 +119,7 @@ class DraftModel:
     def _propose_in_place(self, seqs: list[Sequence], ks: list[int]) -> None:
         rows = []
         for seq, k in zip(seqs, ks):
-            # the blocks the verification step needs too, so a draft is never made to be dropped
+            # room for the verification step's block too: a draft it could not verify is work thrown away
             if len(seq) - seq.num_computed_tokens != 1 or not self.blocks.can_grow(seq, 1 + k):
                 continue
             self.blocks.grow(seq, k)
