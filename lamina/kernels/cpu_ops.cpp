@@ -37,6 +37,10 @@ constexpr int kTileRows = 8;        // MR: rows of x per register tile
 constexpr int kTileBlocks = 3;      // NB: 16-column blocks per register tile (8 x 3 accumulators)
 constexpr int kSwiGLURows = 6;      // the SwiGLU GEMM's tile: 6 rows x (2 gate + 2 up) blocks
 constexpr int64_t kChunkRows = 128; // rows per parallel task: a chunk of x stays in L2 across a strip
+// Software prefetch into L2, this many pairs (64-byte lines) ahead in each weight block's stream: with
+// few cores the hardware prefetchers alone leave a GEMM of a few rows (decode, verifying drafts)
+// short of DRAM bandwidth. bench/gemv.py measures it, weights out of cache.
+constexpr int64_t kPrefetchPairs = 40;
 
 #ifdef LAMINA_AVX512
 // exp(x) for x <= 0: 2^(x log2 e) split into 2^n (VSCALEFPS) times 2^f, f in [-1/2, 1/2], from its
@@ -75,13 +79,18 @@ float swiglu1(float gate, float up) {  // swiglu16 on bf16-valued scalars, unrou
 // The register tile behind every bf16 product here (the GEMM, attention's scores and its
 // weighted values): acc[R][NB] += a's rows times NB 16-lane blocks of b, one pair of the shared
 // dimension per step. Row r's pair p is a[r * lda + 2p, +1], broadcast; block j's pair p is the 32
-// bf16 at b + p * pair_stride + j * block_stride (16 outputs x the same pair).
-template <int R, int NB>
+// bf16 at b + p * pair_stride + j * block_stride (16 outputs x the same pair). Prefetch: b's blocks
+// are weight streams read once from memory (the GEMM), fetched kPrefetchPairs pairs ahead.
+template <int R, int NB, bool Prefetch = false>
 inline void dpbf16_tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t pair_stride,
                         int64_t block_stride, int64_t pairs, __m512 (&acc)[R][NB]) {
   for (int64_t p = 0; p < pairs; p++) {
     __m512bh bv[NB];
     for (int j = 0; j < NB; j++) bv[j] = (__m512bh)_mm512_loadu_si512(b + p * pair_stride + j * block_stride);
+    if constexpr (Prefetch)  // past a block's end this fetches the next block's start
+      for (int j = 0; j < NB; j++)
+        _mm_prefetch(reinterpret_cast<const char*>(b + (p + kPrefetchPairs) * pair_stride + j * block_stride),
+                     _MM_HINT_T1);
     for (int r = 0; r < R; r++) {
       int32_t pair;
       std::memcpy(&pair, a + r * lda + 2 * p, 4);
@@ -99,7 +108,7 @@ void packed_tile(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* y, i
   __m512 acc[MR][NB];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
-  dpbf16_tile<MR, NB>(x, K, w, 32, K * 16, K / 2, acc);
+  dpbf16_tile<MR, NB, true>(x, K, w, 32, K * 16, K / 2, acc);
   for (int i = 0; i < MR; i++) {
     if constexpr (SwiGLU) {
       for (int j = 0; j < NB / 2; j++) {
