@@ -63,6 +63,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _any_alive_after(workers: list[int], seconds: float) -> bool:
+    """Whether any worker still runs once they have had `seconds` to exit."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return any(_alive(w) for w in workers)
+
+
 def chat(port: int, timeout: float = 30.0) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     body = {"model": "tiny", "max_tokens": 8, "temperature": 0,
@@ -80,10 +88,7 @@ def test_tp_server_answers_and_stops_leaving_no_process(model_dir):
         assert status == 200 and answer["usage"]["completion_tokens"] == 8
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        deadline = time.monotonic() + 10
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(w) for w in workers)
+        assert not _any_alive_after(workers, 10)
     finally:
         proc.kill()
         proc.wait()
@@ -128,10 +133,7 @@ def test_no_worker_outlives_the_server(model_dir, how):
         else:
             proc.kill()
             proc.wait(10)
-        deadline = time.monotonic() + 15
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(w) for w in workers)
+        assert not _any_alive_after(workers, 15)
     finally:
         proc.kill()
         proc.wait()
