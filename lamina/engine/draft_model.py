@@ -25,6 +25,7 @@ from lamina.config import EngineConfig, ModelConfig
 from lamina.engine.kv_cache import BlockManager
 from lamina.engine.model_runner import ModelRunner
 from lamina.engine.resolve import COMPILED, ResolvedConfig, resolve
+from lamina.engine.sampler import argmax_rows
 from lamina.engine.scheduler import ScheduledBatch
 from lamina.engine.sequence import Sequence
 from lamina.engine.speculative import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
@@ -151,7 +152,7 @@ class DraftModel:
     def _forward(self, batch: ScheduledBatch) -> list[int]:
         rows = [np.asarray([n - 1], dtype=np.int64) for n in batch.num_new_tokens]
         logits = self.runner.forward(*self.runner.prepare(batch, rows))
-        return logits.argmax(dim=-1).tolist()
+        return argmax_rows(logits)
 
     def release(self, seq: Sequence) -> None:
         """seq is done (or cannot draft now): its draft cache goes back to the pool."""

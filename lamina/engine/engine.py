@@ -460,7 +460,7 @@ class LLMEngine:
             logits = logits[np.asarray(sample_rows)]
         allowed = self.token_masks.allowed([s.grammar for s in sample_seqs], logits.device)
         if sampler.is_plain_greedy(params, banned):
-            return sampler.apply_allowed(logits, allowed).argmax(dim=-1).tolist(), [None] * len(params)
+            return sampler.argmax_rows(sampler.apply_allowed(logits, allowed)), [None] * len(params)
         return self._sample(sample_seqs, params, banned, logits, allowed)
 
     def _sample(self, sample_seqs, params, banned, logits, allowed):

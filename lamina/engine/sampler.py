@@ -119,6 +119,15 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Ten
     return logits
 
 
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first on ties, as torch's), as Python ints. A float32 CPU tensor goes
+    through numpy, whose argmax over a vocabulary-long row is an order of magnitude faster than
+    torch's CPU reduction; greedy decoding takes one per token, speculative decoding several."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return x.numpy().argmax(axis=-1).tolist()
+    return x.argmax(dim=-1).tolist()
+
+
 def is_plain_greedy(params: list[SamplingParams], banned: list[list[int]]) -> bool:
     """True when every row just takes the argmax: nothing to build per row, one op per step."""
     return all(p.temperature == 0 and not p.logit_bias and p.logprobs is None and not p.presence_penalty
@@ -142,21 +151,18 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[list[int], list[Toke
     """logits [B, V] float32 -> (token ids, logprob records for rows that asked for them)."""
     raw = logits
     logits = processed_logits(logits, b)
-    greedy = b.temperature.to(logits.device) == 0
-    greedy_tokens = logits.argmax(dim=-1)
-    if bool(greedy.all()):
-        tokens = greedy_tokens
-    else:
+    greedy = (b.temperature == 0).tolist()
+    tokens = argmax_rows(logits)
+    if not all(greedy):
         probs = probabilities(logits, b)
         # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) samples from p
         noise = torch.empty_like(probs).exponential_()
         for i, g in enumerate(b.generators):
             if g is not None:
                 noise[i] = torch.empty(probs.shape[1]).exponential_(generator=g).to(probs.device)
-        sampled = (probs / noise).argmax(dim=-1)
-        tokens = torch.where(greedy, greedy_tokens, sampled)
-    token_list = tokens.tolist()
-    return token_list, compute_logprobs(raw, token_list, b.num_logprobs)
+        sampled = argmax_rows(probs / noise)
+        tokens = [t if g else s for t, s, g in zip(tokens, sampled, greedy)]
+    return tokens, compute_logprobs(raw, tokens, b.num_logprobs)
 
 
 def compute_logprobs(logits: torch.Tensor, tokens: list[int], num_logprobs: list[int | None]) -> list[TokenLogprob | None]:

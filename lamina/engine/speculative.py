@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lamina.engine.sampler import argmax_rows
+
 MAX_SPECULATIVE_TOKENS = 16
 # a sequence stops drafting when, after this many drafted tokens, fewer than this share were kept:
 # each rejected draft token costs a query row for nothing
@@ -122,14 +124,14 @@ def verify(probs: torch.Tensor, greedy: bool, draft: list[int], generator: torch
     draft that puts all its mass on one token."""
     k = len(draft)
     if greedy:
-        best = probs.argmax(dim=-1).tolist()
+        best = argmax_rows(probs)
     out = []
     for i in range(k + 1):
         if greedy:
             token = best[i]
         else:
             noise = torch.empty(probs.shape[1]).exponential_(generator=generator)
-            token = int((probs[i] / noise).argmax())
+            token = argmax_rows(probs[i] / noise)
         if i == k or token != draft[i]:
             return out + [token]
         out.append(token)
