@@ -9,8 +9,10 @@ ordinary chats, the three engines in this process, requests interleaved prompt b
 Each engine is the README's default (compiled CPU steps, awaited before timing). A request is one
 greedy chat of up to --max-tokens tokens. Each prompt is run by the three engines back to back, the
 order rotating from prompt to prompt, so a ratio compares runs seconds apart. A workload's speed in
-a round is its output tokens over its wall time (prefill included); its number is the median over
-rounds, and each ratio is taken per round. The engines give the same tokens up to the numerics of a
+a round is its output tokens over its wall time (prefill included), and its decoding speed the
+tokens after each request's first over the time after it (the first token is the prompt's forward
+pass, the same work with or without drafts); a number is the median over rounds, and each ratio is
+taken per round. The engines give the same tokens up to the numerics of a
 verify step (noted where not), so a ratio is speed alone.
 """
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main() -> int:
     # Each prompt is run by every engine back to back, the order rotating from prompt to prompt, so
     # the host's drift (up to 2x within minutes here) falls on all engines alike.
     names = list(engines)
-    runs = {(n, w, r): [0, 0.0, 0, 0] for n in names for w in workloads for r in range(args.rounds)}
+    runs = {(n, w, r): [0, 0.0, 0, 0, 0, 0.0] for n in names for w in workloads for r in range(args.rounds)}
     turn = 0
     for r in range(args.rounds):
         for workload, prompts in workloads.items():
@@ -86,11 +88,14 @@ def main() -> int:
                 for name in names[k:] + names[:k]:
                     t = time.perf_counter()
                     res = engines[name].chat([{"role": "user", "content": prompt}], params, use_tqdm=False)[0]
-                    run = runs[name, workload, r]   # tokens, seconds, drafted, accepted
+                    # tokens, seconds, drafted, accepted; then tokens and seconds after the first token
+                    run, m = runs[name, workload, r], res.metrics
                     run[0] += len(res.token_ids)
                     run[1] += time.perf_counter() - t
-                    run[2] += res.metrics.spec_drafted
-                    run[3] += res.metrics.spec_accepted
+                    run[2] += m.spec_drafted
+                    run[3] += m.spec_accepted
+                    run[4] += len(res.token_ids) - 1
+                    run[5] += m.finished_time - m.first_token_time
                     tokens[name] = res.token_ids
                 for name in names[1:]:
                     if tokens[name] != tokens[names[0]]:
@@ -99,23 +104,27 @@ def main() -> int:
             log(f"round {r} {workload}: " + ", ".join(
                 f"{n} {runs[n, workload, r][0] / runs[n, workload, r][1]:.1f} tok/s" for n in names))
     rounds = {n: [{w: {"tok_per_s": runs[n, w, r][0] / runs[n, w, r][1], "drafted": runs[n, w, r][2],
-                       "accepted": runs[n, w, r][3]} for w in workloads} for r in range(args.rounds)]
+                       "accepted": runs[n, w, r][3], "decode_tok_per_s": runs[n, w, r][4] / runs[n, w, r][5]}
+                   for w in workloads} for r in range(args.rounds)]
               for n in names}
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     result = {"cpu": cpu, "threads": os.cpu_count(), "k": args.k, "max_tokens": args.max_tokens, "workloads": {}}
     for workload in workloads:
         plain = [rd[workload]["tok_per_s"] for rd in rounds["plain"]]
-        result["workloads"][workload] = {"plain_tok_per_s": spread(plain)}
-        print(f"{workload}: plain {fmt_spread(spread(plain), ' tok/s', 1)}")
+        plain_decode = [rd[workload]["decode_tok_per_s"] for rd in rounds["plain"]]
+        result["workloads"][workload] = {"plain_tok_per_s": spread(plain), "plain_decode_tok_per_s": spread(plain_decode)}
+        print(f"{workload}: plain {fmt_spread(spread(plain), ' tok/s', 1)}, decoding {fmt_spread(spread(plain_decode), ' tok/s', 1)}")
         for name in ("ngram", "int4-draft"):
             spec = [rd[workload]["tok_per_s"] for rd in rounds[name]]
+            decode = [rd[workload]["decode_tok_per_s"] for rd in rounds[name]]
             drafted = sum(rd[workload]["drafted"] for rd in rounds[name])
             accepted = sum(rd[workload]["accepted"] for rd in rounds[name])
             w = result["workloads"][workload][name] = {
-                "tok_per_s": spread(spec), "ratio": round_ratios(spec, plain), "drafted": drafted,
-                "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else None}
-            print(f"  {name}: {fmt_spread(w['tok_per_s'], ' tok/s', 1)}, {name} / plain {fmt_spread(w['ratio'])}, "
-                  f"acceptance {accepted}/{drafted}")
+                "tok_per_s": spread(spec), "ratio": round_ratios(spec, plain),
+                "decode_tok_per_s": spread(decode), "decode_ratio": round_ratios(decode, plain_decode),
+                "drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else None}
+            print(f"  {name}: {fmt_spread(w['tok_per_s'], ' tok/s', 1)}, {name} / plain {fmt_spread(w['ratio'])}; "
+                  f"decoding {fmt_spread(w['decode_ratio'])}; acceptance {accepted}/{drafted}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
