@@ -85,6 +85,22 @@ def test_greedy_is_argmax_and_bans_apply():
     assert tokens[1] != top[1]
 
 
+def test_argmax_rows_matches_torch_including_ties():
+    """The numpy path takes the first maximum, as torch.argmax does, row by row and on one row."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (16, 49152), generator=g).float()   # many ties per row
+    x[3, 100] = x[3, 7] = 9.0                                   # the first of two maxima
+    x[5] = float("-inf")
+    x[5, 49151] = 0.0
+    with torch.inference_mode():
+        y = x.clone()
+        assert sampler.argmax_rows(y) == y.argmax(dim=-1).tolist()
+        assert sampler.argmax_rows(y)[3] == 7 and sampler.argmax_rows(y)[5] == 49151
+        assert sampler.argmax_rows(y[3]) == 7
+        assert sampler.argmax_rows(y[1:4] / 2) == (y[1:4] / 2).argmax(dim=-1).tolist()
+        assert sampler.argmax_rows(y.bfloat16()) == y.bfloat16().argmax(dim=-1).tolist()
+
+
 def test_sampling_follows_distribution_and_respects_top_k():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-50.0] * (V - 4)]).repeat(4000, 1)
     params = [SamplingParams(temperature=1.0)] * 4000
