@@ -119,10 +119,11 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Ten
     return logits
 
 
-def argmax_rows(x: torch.Tensor) -> list[int]:
-    """Each row's argmax (the first on ties, as torch's), as Python ints. A float32 CPU tensor goes
-    through numpy, whose argmax over a vocabulary-long row is an order of magnitude faster than
-    torch's CPU reduction; greedy decoding takes one per token, speculative decoding several."""
+def argmax_rows(x: torch.Tensor) -> list[int] | int:
+    """Each row's argmax (the first on ties, as torch's), as Python ints (one int for a 1-D x). A
+    float32 CPU tensor goes through numpy, whose argmax over a vocabulary-long row is an order of
+    magnitude faster than torch's CPU reduction; greedy decoding takes one per token, speculative
+    decoding several."""
     if x.device.type == "cpu" and x.dtype == torch.float32:
         return x.numpy().argmax(axis=-1).tolist()
     return x.argmax(dim=-1).tolist()
@@ -130,8 +131,8 @@ def argmax_rows(x: torch.Tensor) -> list[int]:
 
 def is_plain_greedy(params: list[SamplingParams], banned: list[list[int]]) -> bool:
     """True when every row just takes the argmax: nothing to build per row, one op per step."""
-    return all(p.temperature == 0 and not p.logit_bias and p.logprobs is None and not p.presence_penalty
-               and not p.frequency_penalty and p.repetition_penalty == 1 for p in params) and not any(banned)
+    return all(p.greedy and not p.logit_bias and p.logprobs is None and not p.penalized
+               for p in params) and not any(banned)
 
 
 def processed_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
