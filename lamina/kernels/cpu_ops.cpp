@@ -291,17 +291,14 @@ void weighted_values_one(const float* p, int64_t len, const Row& row, const T* v
 }
 #endif
 
-// The query heads of one KV head (GQA) for one sequence, over `len` of its cached tokens from
-// `first`: two passes, keys then values, with an exact softmax in between. scores: [group, len]
-// scratch. With share_max (a share of the sequence's keys) out is left unnormalized and each head's
-// score maximum and sum of exponentials go to share_max and share_sum, for merge_shares.
+// The query heads of one KV head (GQA) for one sequence: two passes over its cached tokens, keys
+// then values, with an exact softmax in between. scores: [group, len] scratch.
 template <typename T>
 void attend(const float* q, const uint16_t* qb, const T* k_cache, const T* v_cache, const int32_t* table,
-            int64_t first, int64_t len, int64_t block_size, int64_t num_kv_heads, int64_t kv_head, int64_t D,
-            int64_t group, float scale, float* out, float* share_max, float* share_sum, std::vector<float>& scores) {
+            int64_t len, int64_t block_size, int64_t num_kv_heads, int64_t kv_head, int64_t D, int64_t group,
+            float scale, float* out, std::vector<float>& scores) {
   scores.resize(group * len);
-  auto row = [&](const T* cache, int64_t i) {
-    const int64_t t = first + i;
+  auto row = [&](const T* cache, int64_t t) {
     const int64_t slot = int64_t(table[t / block_size]) * block_size + t % block_size;
     return cache + (slot * num_kv_heads + kv_head) * D;
   };
@@ -345,10 +342,10 @@ void attend(const float* q, const uint16_t* qb, const T* k_cache, const T* v_cac
     const T* k = row(k_cache, t);
     for (int64_t g = 0; g < group; g++) scores[g * len + t] = scale * dot(q + g * D, k, D);
   }
-  std::vector<float> total(group), maxes(group);
+  std::vector<float> total(group);
   for (int64_t g = 0; g < group; g++) {
     float* s = scores.data() + g * len;
-    const float mx = maxes[g] = *std::max_element(s, s + len);
+    const float mx = *std::max_element(s, s + len);
     float sum = 0.f;
     int64_t t = 0;
 #ifdef LAMINA_AVX512
@@ -384,38 +381,9 @@ void attend(const float* q, const uint16_t* qb, const T* k_cache, const T* v_cac
     const T* v = row(v_cache, t);
     for (int64_t g = g0; g < group; g++) axpy(scores[g * len + t], v, out + g * D, D);
   }
-  if (share_max != nullptr) {
-    std::copy(maxes.begin(), maxes.end(), share_max);
-    std::copy(total.begin(), total.end(), share_sum);
-    return;
-  }
   for (int64_t g = 0; g < group; g++)
     for (int64_t d = 0; d < D; d++) out[g * D + d] /= total[g];
 }
-
-// out [group, D] = attention over all of a sequence's keys from `shares` attend() results over parts
-// of them: each share's unnormalized values [group, D] count exp(its maximum - the overall maximum)
-void merge_shares(const float* values, const float* maxes, const float* sums, int64_t shares, int64_t group,
-                  int64_t D, float* out) {
-  for (int64_t g = 0; g < group; g++) {
-    float mx = maxes[g];
-    for (int64_t s = 1; s < shares; s++) mx = std::max(mx, maxes[s * group + g]);
-    float total = 0.f;
-    std::fill_n(out + g * D, D, 0.f);
-    for (int64_t s = 0; s < shares; s++) {
-      const float w = std::exp(maxes[s * group + g] - mx);
-      total += w * sums[s * group + g];
-      axpy(w, values + (s * group + g) * D, out + g * D, D);
-    }
-    for (int64_t d = 0; d < D; d++) out[g * D + d] /= total;
-  }
-}
-
-// A sequence's keys are split into shares of at least this many, one per thread, when its batch
-// has too few (sequence, KV head) tasks to keep the threads evenly busy (a single sequence, say)
-constexpr int64_t kMinShareKeys = 64;
-// ...and only below this many tasks per thread: past it the threads are already about even
-constexpr int64_t kShareBelowTasksPerThread = 4;
 
 template <typename T>
 void decode_attention_typed(const at::Tensor& q, const at::Tensor& q_bf16, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -431,41 +399,17 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& q_bf16, const
   const float* qp = q.data_ptr<float>();
   const uint16_t* qbp = q_bf16.defined() ? reinterpret_cast<const uint16_t*>(q_bf16.data_ptr()) : nullptr;
   float* op = out.data_ptr<float>();
-  for (int64_t b = 0; b < B; b++)
-    TORCH_CHECK(lens[b] >= 1 && (lens[b] + block_size - 1) / block_size <= width, "sequence ", b, " has ", lens[b],
-                " tokens, more than its block table holds");
-  // Tasks: (sequence, KV head, share of its keys), each share a whole number of 16-key steps
-  const int64_t threads = at::get_num_threads();
-  const bool split = threads > 1 && B * Hkv % threads != 0 && B * Hkv < kShareBelowTasksPerThread * threads;
-  struct Task { int64_t b, h, first, len, shares, slot; };  // slot: where a share's partial result goes; -1: none
-  std::vector<Task> tasks;
-  int64_t slots = 0;
-  for (int64_t b = 0; b < B; b++) {
-    const int64_t len = lens[b], shares = split ? std::clamp<int64_t>(len / kMinShareKeys, 1, threads) : 1;
-    for (int64_t h = 0; h < Hkv; h++) {
-      for (int64_t s = 0; s < shares; s++) {
-        const int64_t first = (len * s / shares) & ~int64_t(15);
-        const int64_t end = s + 1 == shares ? len : (len * (s + 1) / shares) & ~int64_t(15);
-        tasks.push_back({b, h, first, end - first, shares, shares > 1 ? slots++ : -1});
-      }
-    }
-  }
-  std::vector<float> values(slots * group * D), maxes(slots * group), sums(slots * group);
-  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t i = begin; i < end; i++) {
-      const Task& t = tasks[i];
-      const int64_t head = (t.b * Hq + t.h * group) * D;
-      const bool share = t.slot >= 0;
-      attend(qp + head, qbp ? qbp + head : nullptr, k, v, tables + t.b * width, t.first, t.len, block_size, Hkv,
-             t.h, D, group, float(scale), share ? values.data() + t.slot * group * D : op + head,
-             share ? maxes.data() + t.slot * group : nullptr, share ? sums.data() + t.slot * group : nullptr, scores);
+    for (int64_t task = begin; task < end; task++) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t len = lens[b];
+      TORCH_CHECK(len >= 1 && (len + block_size - 1) / block_size <= width, "sequence ", b, " has ", len,
+                  " tokens, more than its block table holds");
+      attend(qp + (b * Hq + h * group) * D, qbp ? qbp + (b * Hq + h * group) * D : nullptr, k, v, tables + b * width, len, block_size, Hkv, h, D, group,
+             float(scale), op + (b * Hq + h * group) * D, scores);
     }
   });
-  for (const Task& t : tasks)   // a sequence's shares have consecutive slots, from its first share's
-    if (t.slot >= 0 && t.first == 0)
-      merge_shares(values.data() + t.slot * group * D, maxes.data() + t.slot * group, sums.data() + t.slot * group,
-                   t.shares, group, D, op + (t.b * Hq + t.h * group) * D);
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

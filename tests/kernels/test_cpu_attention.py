@@ -55,34 +55,6 @@ def test_decode_attention_matches_reference(seq_lens, heads, kv_heads, head_dim,
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("seq_lens,threads", [
-    ([300], 2),                  # one sequence: 3 tasks (SmolLM2's KV heads) for 2 threads
-    ([64 * 4 + 5], 4),           # shares that end mid 16-key step
-    ([1000, 77], 4),             # a sequence too short to split beside a long one
-    ([1000, 77, 130], 4),
-])
-def test_decode_attention_split_over_threads_matches_reference(seq_lens, threads):
-    """Too few (sequence, KV head) tasks for the threads: each sequence's keys are split into
-    shares, one per thread, whose partial softmaxes are merged. The merged result must be the
-    attention over all the keys, as one thread computes it unsplit."""
-    q, k_cache, v_cache, md = _paged_case(seq_lens, 9, 3, 64, 16, torch.bfloat16)
-    qb, scale = q.to(torch.bfloat16), 0.125
-    ref = reference.paged_attention(qb.float(), k_cache.float(), v_cache.float(), md, scale)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        whole = torch.ops.lamina.paged_decode_attention(qb, k_cache, v_cache, md.block_tables, md.seq_lens, scale)
-        torch.set_num_threads(threads)
-        split = torch.ops.lamina.paged_decode_attention(qb, k_cache, v_cache, md.block_tables, md.seq_lens, scale)
-        split_f32 = cpu.paged_attention(q, k_cache, v_cache, md, scale)   # float32 q: the other scores loop
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(split, ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(split_f32, reference.paged_attention(q, k_cache.float(), v_cache.float(), md, scale),
-                               rtol=1e-4, atol=1e-5)
-
-
 def _prefill_case(new_tokens, cached, heads, kv_heads, head_dim, block_size=16, seed=0):
     """Sequences with `cached` tokens already in the cache and `new_tokens` arriving (a chunk, or a
     prompt after a reused prefix), in one flat prefill batch."""
