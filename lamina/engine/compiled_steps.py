@@ -151,12 +151,16 @@ class CompiledSteps:
         only safe while one compiled graph never serves another model: Dynamo keeps its graphs per
         code object, hence the copy of the code. cpp_wrapper makes the decode graph call its kernels
         from C++ rather than Python (a decode step's ops are short enough for that to show; a prefill
-        step's are not, and it would lengthen the first compile)."""
+        step's are not, and it would lengthen the first compile).
+
+        Inductor's size asserts (every input's sizes and strides checked again at the graph's entry,
+        a few hundred checks a call) are left out too: the guards check the step's inputs already,
+        and the weights and KV caches, the other inputs, keep their shapes from loading on."""
         own = types.FunctionType(method.__code__.replace(), method.__globals__, method.__name__,
                                  method.__defaults__, method.__closure__)
         return torch.compile(types.MethodType(own, self.model),
                              options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                                      "cpp_wrapper": cpp_wrapper})
+                                      "cpp_wrapper": cpp_wrapper, "size_asserts": False})
 
     def _warm_up(self, step, graph, batch: int, tokens_each: int) -> None:
         """One step through `graph` of `batch` sequences of `tokens_each` new tokens, all in the
