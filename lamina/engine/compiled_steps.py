@@ -150,8 +150,9 @@ class CompiledSteps:
         a decode step on a small model) are dropped; the guards on the step's inputs remain. That is
         only safe while one compiled graph never serves another model: Dynamo keeps its graphs per
         code object, hence the copy of the code. cpp_wrapper makes the decode graph call its kernels
-        from C++ rather than Python (a decode step's ops are short enough for that to show; a prefill
-        step's are not, and it would lengthen the first compile).
+        from C++ rather than Python (a decode step's ops are short enough for that to show; most prefill
+        steps' are not, only the smallest, such as verifying drafts, gain a little, and it would
+        lengthen the prefill graph's first compile by much more than that buys).
 
         Inductor's size asserts (every input's sizes and strides checked again at the graph's entry,
         a few hundred checks a call) are left out too: the guards check the step's inputs already,
