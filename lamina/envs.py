@@ -11,6 +11,8 @@ Each is read when asked, not at import, so a test or a caller may set one before
                               (kernels/dispatch.py; e.g. bf16_linear.prefill=torch,attention=lamina)
     LAMINA_AUTOTUNE           0: do not measure the kernels on first start; take lamina's where they load
     LAMINA_BATCH_INVARIANT    1: batch-invariant (deterministic) inference, as --batch-invariant
+    LAMINA_CHECK_COMPILED_DISPATCH  1: run every compiled CPU step through torch.compile's guards too,
+                              failing where they would pick another graph than the engine (tests)
     LAMINA_API_KEY            the server's API key when --api-key is not given
     LAMINA_TP_PARENT          set by lamina in the tensor-parallel workers it starts: the pid of rank 0
     RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RUN_ID
@@ -49,6 +51,10 @@ def autotune() -> bool:
 
 def batch_invariant() -> bool:
     return os.environ.get("LAMINA_BATCH_INVARIANT", "") not in ("", "0")
+
+
+def check_compiled_dispatch() -> bool:
+    return os.environ.get("LAMINA_CHECK_COMPILED_DISPATCH", "") not in ("", "0")
 
 
 def api_key() -> str | None:

@@ -13,6 +13,9 @@ if not _has_cuda:
 # Engines in tests run eager (compiling each tiny test model would cost minutes); the tests of the
 # compiled step ask for it with enforce_eager=False, which overrides this.
 os.environ.setdefault("LAMINA_ENFORCE_EAGER", "1")
+# Compiled steps serve by calling their graphs directly; in tests each step also runs through
+# torch.compile's guards, which must pick the same graph with the same inputs.
+os.environ.setdefault("LAMINA_CHECK_COMPILED_DISPATCH", "1")
 
 
 # --- the default model (lamina.registry) -------------------------------------------------------

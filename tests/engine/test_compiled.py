@@ -1,5 +1,7 @@
 """torch.compile of the CPU steps changes speed, not tokens, and never recompiles while serving; the
-steps compile in the background while the engine serves eagerly."""
+steps compile in the background while the engine serves eagerly. Serving calls the compiled graphs
+directly; tests/conftest.py has every step checked against the graph and inputs torch.compile's own
+guards would give it (LAMINA_CHECK_COMPILED_DISPATCH), except where a test serves without that check."""
 import pytest
 import torch
 
@@ -20,21 +22,23 @@ def make_engine(model_dir, **kw):
 
 
 @pytest.mark.slow
-def test_compiled_decode_matches_eager(tiny_model_dir):
+def test_compiled_decode_matches_eager(tiny_model_dir, monkeypatch):
     # batches grow one sequence per step up to 20 (past the torch backend's compiled limit, its
     # eager path; the cpu backend compiles them all), then shrink as they finish; block tables grow
-    # from 1 block to 7
+    # from 1 block to 7. The graphs are called directly alone, as in serving: the check would run
+    # each step a second time through torch.compile, writing the KV cache again.
+    monkeypatch.setenv("LAMINA_CHECK_COMPILED_DISPATCH", "0")
     prompts = random_prompts(20, seed=11, lo=3, hi=90)
     params = SamplingParams(max_tokens=20, temperature=0, logprobs=2, ignore_eos=True)
     eager = run(make_engine(tiny_model_dir, enforce_eager=True), prompts, params)
     compiled_engine = make_engine(tiny_model_dir, enforce_eager=False)
     compiled_steps = compiled_engine.runner.compiled
-    assert compiled_steps.decode is not None and GROUP_BY_LENGTH_MIN_BATCH <= 20
+    assert compiled_steps.decode is not None and not compiled_steps.decode.check and GROUP_BY_LENGTH_MIN_BATCH <= 20
+    # both graphs (batch 1; batches 2+) were built at start-up
+    assert [first for first, _ in compiled_steps.decode.ranges] == [1, 2]
     calls = count_step_calls(compiled_steps, "decode")
-    # both graphs (batch 1; batches 2+) were built at start-up: serving must never compile again
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = run(compiled_engine, prompts, params, stagger=1)
-        single = run(compiled_engine, prompts[:1], params)
+    compiled = run(compiled_engine, prompts, params, stagger=1)
+    single = run(compiled_engine, prompts[:1], params)
     assert calls["calls"] > 0 and 1 in calls["sizes"]
     if compiled_steps.max_decode_batch is None:  # the cpu backend: larger batches compiled too
         assert max(calls["sizes"]) >= GROUP_BY_LENGTH_MIN_BATCH
@@ -154,3 +158,25 @@ def test_a_plan_that_switches_implementation_by_rows_never_recompiles_while_serv
     assert calls["calls"] > 0 and max(calls["sizes"]) > 16
     for a, b in zip(eager, compiled):
         assert_greedy_agree(a, b)
+
+
+@pytest.mark.slow
+def test_the_dispatch_check_fails_where_torch_compile_would_run_another_graph_or_inputs(tiny_model_dir):
+    """The check the other tests serve under is real: a step given the graph for batches of 2+ at
+    batch 1, or another tensor than torch.compile would read, fails loudly."""
+    engine = make_engine(tiny_model_dir, enforce_eager=False)
+    decode = engine.runner.compiled.decode
+    assert decode.check
+    ids, positions, md = engine.runner.compiled._warm_up_step(1, 1)
+    with torch.inference_mode():
+        decode(ids, positions, md)     # the right graph, the right inputs
+        (_, single), (_, batched) = decode.ranges
+        decode.ranges = [(1, batched), (2, single)]
+        with pytest.raises(RuntimeError, match="not the one the engine picked"):
+            decode(ids, positions, md)
+        decode.ranges = [(1, single), (2, batched)]
+        own_inputs = single.inputs
+        single.inputs = lambda step: [t.clone() if isinstance(t, torch.Tensor) and t is step["positions"] else t
+                                      for t in own_inputs(step)]
+        with pytest.raises(RuntimeError, match="other inputs"):
+            decode(ids, positions, md)
