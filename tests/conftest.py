@@ -25,6 +25,22 @@ from lamina.config import DEFAULT_MODEL  # noqa: E402
 from lamina.kernels import cpu_build  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def failed_steps_are_loud(request, monkeypatch):
+    """The engine runs a failed step's sequences again one at a time, so that one request's bad data
+    fails that request alone. A fast path that broke every batch would then still pass a test, one
+    sequence at a time: in tests a failed step fails the test, except in tests that break a step on
+    purpose (@pytest.mark.breaks_steps). Engines in other processes keep the engine's own handling."""
+    if request.node.get_closest_marker("breaks_steps"):
+        return
+    from lamina.engine.engine import LLMEngine
+
+    def fail(self, batch, outputs):
+        raise AssertionError(f"a step of {len(batch.seqs)} sequence(s) failed: the exception above")
+
+    monkeypatch.setattr(LLMEngine, "_run_one_by_one", fail)
+
+
 @pytest.fixture(scope="session")
 def cpu_kernels():
     """lamina's C++ kernels, loaded. They are skipped only where they are not expected to build

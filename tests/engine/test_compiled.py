@@ -21,6 +21,16 @@ def make_engine(model_dir, **kw):
     return engine
 
 
+def head_dim_64_model(tmp_path, max_position_embeddings: int = 512) -> str:
+    """A tiny random model whose head size the cpu backend's prefill attention takes, so that its
+    prefill and mixed steps compile too (in bf16)."""
+    from tests.utils import save_tiny_hf_model
+    model_dir = str(tmp_path / "head-dim-64")
+    save_tiny_hf_model(model_dir, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=256, max_position_embeddings=max_position_embeddings)
+    return model_dir
+
+
 @pytest.mark.slow
 def test_compiled_decode_matches_eager(tiny_model_dir, monkeypatch):
     # batches grow one sequence per step up to 20 (past the torch backend's compiled limit, its
@@ -71,10 +81,7 @@ def test_two_compiled_engines_in_one_process_keep_their_own_graphs(tiny_model_di
 def test_compiled_prefill_matches_eager_and_never_recompiles(tmp_path):
     """bf16 on the cpu backend: prefill and mixed steps run one compiled graph for every batch
     (single prompts padded with an empty sequence, chunks, decode rows alongside)."""
-    from tests.utils import save_tiny_hf_model
-    model_dir = str(tmp_path / "head-dim-64")
-    save_tiny_hf_model(model_dir, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-                       intermediate_size=256, max_position_embeddings=512)
+    model_dir = head_dim_64_model(tmp_path)
     prompts = random_prompts(12, seed=5, lo=3, hi=150)
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
     eager = run(make_engine(model_dir, dtype="bfloat16", enforce_eager=True), prompts, params)
@@ -136,10 +143,7 @@ def test_a_plan_that_switches_implementation_by_rows_never_recompiles_while_serv
     prefill rows (as on a CPU where torch's matmul wins large products), each range of rows needs a
     graph of its own: all are built before the compiled steps serve, so serving never compiles, and
     the tokens agree with eager steps."""
-    from tests.utils import save_tiny_hf_model
-    model_dir = str(tmp_path / "mixed")
-    save_tiny_hf_model(model_dir, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-                       intermediate_size=256, max_position_embeddings=1024)
+    model_dir = head_dim_64_model(tmp_path, max_position_embeddings=1024)
     # the defaults (lamina's kernels where they take a layer; nothing measured, so the same plan on
     # any machine) with two classes switched to torch's matmul
     monkeypatch.setenv("LAMINA_AUTOTUNE", "0")
@@ -180,3 +184,30 @@ def test_the_dispatch_check_fails_where_torch_compile_would_run_another_graph_or
                                       for t in own_inputs(step)]
         with pytest.raises(RuntimeError, match="other inputs"):
             decode(ids, positions, md)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("cpu_kernels")
+def test_compiled_int4_self_draft_matches_eager_plain_decoding(tmp_path, monkeypatch):
+    """Speculative decoding as bench/speculative.py measures it: the model's int4 copy drafts through
+    compiled decode graphs of its own, in the target's KV cache, and the target verifies through its
+    compiled prefill graph. The graphs are called directly alone, as in serving; greedy tokens agree
+    with plain eager decoding."""
+    monkeypatch.setenv("LAMINA_CHECK_COMPILED_DISPATCH", "0")
+    model_dir = head_dim_64_model(tmp_path)
+    prompts = random_prompts(4, seed=12, lo=20, hi=120)
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=2, ignore_eos=True)
+    eager = run(make_engine(model_dir, dtype="bfloat16", enforce_eager=True), prompts, params)
+    engine = make_engine(model_dir, dtype="bfloat16", enforce_eager=False,
+                         speculative_config={"method": "draft_model", "quantization": "int4",
+                                             "num_speculative_tokens": 3})
+    drafter = engine.drafter
+    assert drafter.shares_cache and drafter.runner.compiled.status == "ready"
+    assert engine.runner.compiled.prefill is not None
+    drafts = count_step_calls(drafter.runner.compiled, "decode")
+    prefill_steps = count_step_calls(engine.runner.compiled, "prefill")   # prompts and verifications
+    compiled = run(engine, prompts, params, stagger=1)
+    assert drafts["calls"] > 0 and prefill_steps["calls"] > 0
+    assert engine.stats.spec_num_accepted_tokens_total > 0.5 * engine.stats.spec_num_draft_tokens_total > 0
+    for a, b in zip(eager, compiled):
+        assert_greedy_agree(a, b)

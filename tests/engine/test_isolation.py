@@ -19,6 +19,7 @@ def _break_sampling(engine, request_id):
         seq.params.top_k = 2 ** 64
 
 
+@pytest.mark.breaks_steps
 def test_a_failing_request_fails_alone(tiny_model_dir):
     engine = make_engine(tiny_model_dir)
     prompts = random_prompts(4, seed=21)
@@ -43,6 +44,7 @@ def test_a_failing_request_fails_alone(tiny_model_dir):
     assert engine.stats.request_success_total.get("error") == 2
 
 
+@pytest.mark.breaks_steps
 def test_llm_stream_raises_for_a_failed_request(tiny_model_dir):
     from lamina import LLM
     llm = LLM(tiny_model_dir, dtype="float32", kv_cache_memory=32 << 20)
@@ -96,6 +98,7 @@ async def _collect(engine, prompt, params):
     return [out async for out in engine.generate(prompt, params)]
 
 
+@pytest.mark.breaks_steps
 def test_async_engine_fails_one_stream_and_serves_the_rest(tiny_model_dir):
     engine = AsyncEngine(make_engine(tiny_model_dir))
     original = engine.engine.add_request
