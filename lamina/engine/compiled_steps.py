@@ -28,6 +28,7 @@ warm-up step's collectives must meet the other ranks' in the same order, never a
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -259,7 +260,7 @@ class _Graph:
                 exprs.append(name)
             else:
                 raise RuntimeError(f"a compiled graph reads {name}, neither the module nor the step's arguments")
-        self.inputs = types.MethodType(eval(f"lambda F, L: [{', '.join(exprs)}]", {}), fixed)
+        self.inputs = functools.partial(eval(f"lambda F, L: [{', '.join(exprs)}]", {}), fixed)
 
     def call(self, args: list):
         outputs = self.compiled(*args)
